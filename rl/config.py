@@ -1,0 +1,125 @@
+"""The recipe of an RL run (SFT warmup included): every field typed, documented and range-checked."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from thinkrl.config import Strict
+
+
+class RunConfig(Strict):
+    output_dir: str = Field("runs/tiny", description="run directory; a second submission with it resumes")
+    seed: int = Field(0, description="seed of data, sampling, initialisation")
+    cache_dir: str = Field("~/.cache/thinkrl", description="where built tiny models are cached")
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field("tiny-dense", description="'tiny-dense', 'tiny-moe' (built offline) or a local HF folder")
+
+
+class DataConfig(Strict):
+    task: Literal["arithmetic", "files"] = Field("arithmetic", description="embedded task, or your JSONL files")
+    train_file: str | None = Field(None, description="JSONL of RL prompts (task=files)")
+    heldout_file: str | None = Field(None, description="JSONL of held-out prompts (task=files)")
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    system_prompt: str | None = None
+    n_train: int = Field(3000, ge=1, description="arithmetic: RL training problems")
+    n_heldout: int = Field(300, ge=1, description="arithmetic: held-out problems")
+    min_ops: int = Field(1, ge=1, le=10)
+    max_ops: int = Field(5, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _files_given(self):
+        if self.task == "files" and not (self.train_file and self.heldout_file):
+            raise ValueError("task 'files' needs data.train_file and data.heldout_file")
+        if self.min_ops > self.max_ops:
+            raise ValueError("data.min_ops must be <= data.max_ops")
+        return self
+
+
+class SFTConfig(Strict):
+    enabled: bool = Field(True, description="run the long-CoT SFT warmup before RL")
+    data_file: str | None = Field(None, description="JSONL of {'messages': [...]}; default: the arithmetic teacher")
+    n_examples: int = Field(6000, ge=1, description="arithmetic teacher: conversations to write")
+    slip_rate: float = Field(0.15, ge=0, le=1, description="arithmetic teacher: chance a step slips by one")
+    fix_rate: float = Field(0.5, ge=0, le=1, description="arithmetic teacher: chance a slip is caught")
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_seq_len: int = Field(512, ge=8)
+    log_every: int = Field(25, ge=1)
+
+
+class RolloutConfig(Strict):
+    num_engines: int = Field(1, ge=1, description="data-parallel vLLM engines")
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpus_per_engine: float = Field(0.0, ge=0, description="0 on CPU; tensor_parallel_size on GPU")
+    max_tokens: int = Field(160, ge=1, description="response budget per sample")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_model_len: int = Field(1024, ge=16)
+    enforce_eager: bool = Field(False, description="skip torch.compile (faster start, slower decode)")
+    gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="on CPU: share of RAM vLLM may reserve")
+    cpu_kv_cache_gb: int = Field(1, ge=1)
+
+
+class RewardConfig(Strict):
+    num_workers: int = Field(2, ge=1, description="reward worker processes")
+    timeout_s: float = Field(10.0, gt=0, description="hard limit per verification")
+
+
+class RLConfig(Strict):
+    iterations: int = Field(40, ge=0)
+    prompts_per_iteration: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(8, ge=2, description="k; the group baseline needs >= 2")
+    mini_batches: int = Field(4, ge=1, description="optimizer steps per iteration")
+    micro_batches_per_step: int = Field(1, ge=1, description="gradient accumulation inside a mini-batch")
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    tau: float = Field(0.1, gt=0, description="KL-to-previous-iterate coefficient")
+    baseline: Literal["mean", "logsumexp"] = "mean"
+    log_ratio_norm: Literal["sequence", "token"] = Field("sequence", description="paper: sequence")
+    reset_optimizer: bool = Field(True, description="k1.5 resets the optimizer every iteration")
+    num_trainers: int = Field(1, ge=1, description="DeepSpeed ranks (one per GPU, or CPU processes)")
+    gpus_per_trainer: float = Field(0.0, ge=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    checkpoint_every: int = Field(10, ge=1)
+    probe_tolerance: float = Field(1e-3, gt=0, description="max mean |vLLM - trainer| log-prob after a sync")
+    samples_to_log: int = Field(4, ge=0, description="rollouts written to samples.jsonl per iteration")
+
+    @model_validator(mode="after")
+    def _groups_fill_steps(self):
+        if self.prompts_per_iteration < self.mini_batches * self.micro_batches_per_step * self.num_trainers:
+            raise ValueError(
+                "rl.prompts_per_iteration must be >= mini_batches * micro_batches_per_step * num_trainers "
+                "(each micro-batch holds whole prompt groups)"
+            )
+        return self
+
+
+class EvalConfig(Strict):
+    samples_per_prompt: int = Field(4, ge=1, description="accuracy = mean correctness over these samples")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(160, ge=1)
+
+
+class Recipe(Strict):
+    """A whole run: `python -m rl.train recipe.yaml key=value ...`."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
+    eval: EvalConfig = EvalConfig()

@@ -1,0 +1,402 @@
+"""RL post-training driver: `ray job submit -- python -m rl.train recipe.yaml [key=value ...]`.
+
+The driver owns the data, the sampler, the loop and the logs; the heavy work runs in Ray actors:
+DeepSpeed trainer ranks (`rl.trainer.PMDWorker`), vLLM engines (`rollout.engine.RolloutEngine`) and
+reward worker processes (`rewards.pool.RewardPool`). One iteration reads top to bottom in `rl_loop`:
+
+    sample prompts -> roll out k responses each -> score -> PMD update -> sync weights -> probe -> log
+
+Everything a run writes lives in its output directory; submitting again with the same directory
+resumes from the last checkpoint (a finished SFT warmup or evaluation is never redone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rl.config import Recipe
+from thinkrl.fileio import atomic_directory, atomic_write_json
+
+CHECKPOINT_STATE = "state.json"
+
+
+@dataclass
+class Run:
+    """What `prepare_run` resolved: directories, validated data, the starting model."""
+
+    dir: Path
+    base_model: Path
+    tokenizer: object
+    train_rows: list[dict]
+    heldout_rows: list[dict]
+    sft_examples: list = field(default_factory=list)
+
+
+def prepare_run(recipe: Recipe) -> Run:
+    """Validate data and build/resolve the model before any actor starts (bad input fails here)."""
+    from thinkrl.config import dump_recipe
+    from thinkrl.fileio import read_jsonl, write_jsonl
+    from thinkrl.models import load_tokenizer, resolve_model
+    from thinkrl.tasks import arithmetic
+
+    run_dir = Path(recipe.run.output_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(os.environ.get("THINKRL_CACHE", recipe.run.cache_dir)).expanduser()
+    data = recipe.data
+    if data.task == "arithmetic":
+        heldout = arithmetic.make_rows(data.n_heldout, seed=recipe.run.seed + 1, min_ops=data.min_ops, max_ops=data.max_ops)
+        train = arithmetic.make_rows(data.n_train, seed=recipe.run.seed, min_ops=data.min_ops, max_ops=data.max_ops,
+                                     exclude={r["prompt"] for r in heldout})
+        write_jsonl(run_dir / "data" / "train.jsonl", train)
+        write_jsonl(run_dir / "data" / "heldout.jsonl", heldout)
+    else:
+        fields = (data.prompt_field, data.answer_field)
+        train = read_jsonl(data.train_file, required=fields)
+        heldout = read_jsonl(data.heldout_file, required=fields)
+        train = [{"prompt": r[data.prompt_field], "answer": str(r[data.answer_field]), **r} for r in train]
+        heldout = [{"prompt": r[data.prompt_field], "answer": str(r[data.answer_field]), **r} for r in heldout]
+    base_model = resolve_model(recipe.model.name_or_path, cache / "models", seed=recipe.run.seed)
+    tokenizer = load_tokenizer(base_model)
+    run = Run(run_dir, base_model, tokenizer, train, heldout)
+    if recipe.sft.enabled and not (run_dir / "checkpoints" / "sft" / "config.json").exists():
+        from sft.data import encode_rows
+
+        sft = recipe.sft
+        if sft.data_file:
+            source, rows = sft.data_file, read_jsonl(sft.data_file, required=("messages",))
+        elif data.task == "arithmetic":
+            sft_prompts = arithmetic.make_rows(sft.n_examples, seed=recipe.run.seed + 2, min_ops=data.min_ops,
+                                               max_ops=data.max_ops, exclude={r["prompt"] for r in heldout})
+            rows = arithmetic.sft_conversations(sft_prompts, recipe.run.seed, slip_rate=sft.slip_rate, fix_rate=sft.fix_rate)
+            source = str(run_dir / "data" / "sft.jsonl")
+            write_jsonl(source, rows)
+        else:
+            raise ValueError(f"{recipe.run.output_dir}: sft.enabled needs sft.data_file when data.task is 'files'")
+        run.sft_examples = encode_rows(tokenizer, rows, source, sft.max_seq_len).examples
+    dump_recipe(recipe, run_dir / "config.yaml")
+    return run
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+
+def evaluate(engines, pool, prompts_ids: list[list[int]], answers: list[str], recipe: Recipe, seed: int) -> dict:
+    """Held-out accuracy (mean correctness over `eval.samples_per_prompt` samples) and mean length."""
+    from rewards.math import math_reward
+    from rollout.engine import RolloutSettings
+
+    ev = recipe.eval
+    settings = RolloutSettings(n=ev.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
+                               max_tokens=ev.max_tokens, seed=seed)
+    groups = generate(engines, prompts_ids, settings)
+    flat = [(c.text, answers[i]) for i, g in enumerate(groups) for c in g]
+    results = pool.map(math_reward, flat)
+    lengths = [len(c.token_ids) for g in groups for c in g]
+    return {
+        "accuracy": sum(r.score for r in results) / len(results),
+        "mean_response_tokens": sum(lengths) / len(lengths),
+        "n_prompts": len(prompts_ids),
+        "samples_per_prompt": ev.samples_per_prompt,
+    }
+
+
+def generate(engines, prompts_ids: list[list[int]], settings) -> list[list]:
+    """Spread prompts over the engines (contiguous shards), gather results in prompt order."""
+    import dataclasses
+
+    import ray
+
+    shard = -(-len(prompts_ids) // len(engines))
+    futures = []
+    for e, engine in enumerate(engines):
+        part = prompts_ids[e * shard : (e + 1) * shard]
+        if part:
+            seed = None if settings.seed is None else settings.seed + e * shard
+            futures.append(engine.generate.remote(part, dataclasses.replace(settings, seed=seed)))
+    return [group for part in ray.get(futures) for group in part]
+
+
+# ---- weight sync -----------------------------------------------------------------------------------
+
+
+def sync_weights(trainers, engines, sync_file: Path) -> float:
+    """Push the trainer's weights into every engine; returns seconds taken."""
+    import ray
+
+    start = time.time()
+    path = ray.get(trainers[0].export_weights.remote(str(sync_file)))
+    ray.get([e.load_weights.remote(path) for e in engines])
+    return time.time() - start
+
+
+def probe_gap(trainers, engines, probe_ids: list[int], prompt_len: int) -> float:
+    """Max over engines of the mean |vLLM - trainer| log-prob on a fixed probe sequence."""
+    import ray
+
+    trainer_lp = ray.get(trainers[0].probe_logprobs.remote(probe_ids, prompt_len))
+    gaps = []
+    for engine_lp in ray.get([e.prompt_logprobs.remote(probe_ids, prompt_len) for e in engines]):
+        gaps.append(sum(abs(a - b) for a, b in zip(engine_lp, trainer_lp, strict=True)) / len(trainer_lp))
+    return max(gaps)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, trainers, iteration: int, state: dict) -> Path:
+    """checkpoints/rl/iter_N/{hf, trainer, state.json}, written atomically; then `latest` points at it."""
+    import ray
+
+    final = run_dir / "checkpoints" / "rl" / f"iter_{iteration:06d}"
+    with atomic_directory(final) as tmp:
+        (tmp / "hf").mkdir()
+        ray.get(trainers[0].save_hf.remote(str(tmp / "hf")))
+        worker_states = ray.get([t.save_state.remote(str(tmp / "trainer")) for t in trainers])
+        atomic_write_json(tmp / CHECKPOINT_STATE, {**state, "iteration": iteration, "workers": worker_states})
+    atomic_write_json(run_dir / "checkpoints" / "rl" / "latest.json", {"iteration": iteration, "path": final.name})
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    import json
+
+    pointer = run_dir / "checkpoints" / "rl" / "latest.json"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / json.loads(pointer.read_text())["path"]
+    return path if (path / CHECKPOINT_STATE).exists() else None
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
+    """SFT warmup (if needed), evaluation, RL iterations, final evaluation; returns the report."""
+    import json
+
+    import ray
+
+    from rewards.math import math_reward
+    from rewards.pool import RewardPool
+    from rl.trainer import PMDSettings, PMDWorker, Sample
+    from rollout.engine import EngineSettings, RolloutEngine, RolloutSettings
+    from samplers.uniform import UniformSampler
+    from thinkrl.chat import prompt_ids
+    from thinkrl.cluster import remote_actor, trainer_group
+    from thinkrl.metrics import MetricsLogger, plot_curves
+    from thinkrl.train_engine import DistConfig, OptimConfig
+
+    rl, wall = recipe.rl, {}
+    sft_dir = run.dir / "checkpoints" / "sft"
+    if recipe.sft.enabled and not (sft_dir / "config.json").exists():
+        from sft.train import run_sft
+
+        log(f"[sft] warmup: {len(run.sft_examples)} conversations, {recipe.sft.steps} steps")
+        t0 = time.time()
+        sft_stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), sft_dir, recipe.run.seed,
+                            rl.num_trainers, rl.zero_stage, rl.gpus_per_trainer, log=log)
+        wall["sft"] = time.time() - t0
+        atomic_write_json(run.dir / "sft_stats.json", {**sft_stats, "wall_seconds": wall["sft"]})
+    if (run.dir / "sft_stats.json").exists():
+        wall["sft"] = json.loads((run.dir / "sft_stats.json").read_text())["wall_seconds"]
+    start_model = sft_dir if recipe.sft.enabled else run.base_model
+
+    resume = latest_checkpoint(run.dir)
+    state = json.loads((resume / CHECKPOINT_STATE).read_text()) if resume else {}
+    serve_model = resume / "hf" if resume else start_model
+    t0 = time.time()
+    optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
+    trainers = trainer_group(
+        PMDWorker, rl.num_trainers,
+        lambda rank, addr, port: (str(serve_model), optim,
+                                  DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage, rl.micro_batches_per_step),
+                                  recipe.run.seed),
+        gpus_per_rank=rl.gpus_per_trainer,
+    )
+    if resume:
+        ray.get([t.load_state.remote(str(resume / "trainer"), ws) for t, ws in zip(trainers, state["workers"], strict=True)])
+        log(f"[rl] resumed from {resume} (iteration {state['iteration']})")
+    ro = recipe.rollout
+    engine_cls = remote_actor(RolloutEngine, num_gpus=ro.gpus_per_engine)
+    engines = [
+        engine_cls.remote(EngineSettings(
+            model_path=str(serve_model), seed=recipe.run.seed + e, max_model_len=ro.max_model_len,
+            tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
+            gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
+        ))
+        for e in range(ro.num_engines)
+    ]
+    ray.get([e.__ray_ready__.remote() for e in engines])
+    wall["startup"] = time.time() - t0
+    log(f"[rl] {rl.num_trainers} trainer rank(s) and {ro.num_engines} vLLM engine(s) ready in {wall['startup']:.0f}s")
+
+    tok = run.tokenizer
+    system = recipe.data.system_prompt
+    train_prompts = [prompt_ids(tok, r["prompt"], system) for r in run.train_rows]
+    heldout_prompts = [prompt_ids(tok, r["prompt"], system) for r in run.heldout_rows]
+    heldout_answers = [r["answer"] for r in run.heldout_rows]
+    probe_prompt = heldout_prompts[0]
+    probe_ids = probe_prompt + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
+    sync_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
+    sync_file = sync_dir / f"thinkrl-{os.getpid()}-weights.safetensors"
+
+    sampler = UniformSampler(len(train_prompts), seed=recipe.run.seed)
+    if "sampler" in state:
+        sampler.load_state_dict(state["sampler"])
+    settings = PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
+                           log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer)
+    start_iter = state.get("iteration", 0)
+    metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None)
+    samples_path = run.dir / "samples.jsonl"
+
+    with RewardPool(recipe.reward.num_workers, recipe.reward.timeout_s) as pool:
+        if "eval_before" not in state:
+            t0 = time.time()
+            state["eval_before"] = evaluate(engines, pool, heldout_prompts, heldout_answers, recipe, seed=10**6)
+            state["eval_before"]["wall_seconds"] = time.time() - t0
+            log(f"[eval] before RL: accuracy {state['eval_before']['accuracy']:.3f}  "
+                f"mean length {state['eval_before']['mean_response_tokens']:.1f} tokens")
+            metrics.log(0, {"eval/accuracy": state["eval_before"]["accuracy"],
+                            "eval/mean_response_tokens": state["eval_before"]["mean_response_tokens"]})
+        rl_start = time.time()
+        rl_wall = state.get("rl_wall_seconds", 0.0)
+        for iteration in range(start_iter + 1, rl.iterations + 1):
+            times: dict[str, float] = {}
+            t = time.time()
+            batch = sampler.next(rl.prompts_per_iteration)
+            groups = generate(engines, [train_prompts[i] for i in batch],
+                              RolloutSettings(n=rl.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+                                              max_tokens=ro.max_tokens, seed=recipe.run.seed * 10**7 + iteration * 10**4))
+            times["time/rollout"] = time.time() - t
+
+            t = time.time()
+            scored = pool.map(math_reward, [(c.text, run.train_rows[i]["answer"]) for i, g in zip(batch, groups, strict=True) for c in g])
+            rewards = [[scored[j * rl.samples_per_prompt + s].score for s in range(len(g))] for j, g in enumerate(groups)]
+            sampler.observe(batch, rewards)
+            times["time/reward"] = time.time() - t
+
+            t = time.time()
+            samples = [Sample(train_prompts[i], c.token_ids, rewards[j][s], j, c.logprobs)
+                       for j, (i, g) in enumerate(zip(batch, groups, strict=True)) for s, c in enumerate(g)]
+            shards = [[s for s in samples if s.group % rl.num_trainers == r] for r in range(rl.num_trainers)]
+            stats_per_rank = ray.get([tr.update.remote(shard, settings) for tr, shard in zip(trainers, shards, strict=True)])
+            times["time/update"] = time.time() - t
+
+            t = time.time()
+            times["time/weight_sync"] = sync_weights(trainers, engines, sync_file)
+            gap = probe_gap(trainers, engines, probe_ids, len(probe_prompt))
+            times["time/probe"] = time.time() - t
+            if gap > rl.probe_tolerance:
+                raise RuntimeError(f"after the weight sync of iteration {iteration}, vLLM's log-probs differ from "
+                                   f"the trainer's by {gap:.2e} on the probe (tolerance {rl.probe_tolerance:.0e})")
+
+            flat_rewards = [r for g in rewards for r in g]
+            lengths = [len(c.token_ids) for g in groups for c in g]
+            stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in stats_per_rank[0]}
+            reasons = [r.reason for r in scored]
+            record = {
+                "train/reward_mean": sum(flat_rewards) / len(flat_rewards),
+                "train/accuracy": sum(r > 0 for r in flat_rewards) / len(flat_rewards),
+                "train/response_tokens_mean": sum(lengths) / len(lengths),
+                "train/response_tokens_max": max(lengths),
+                "train/truncated_share": sum(c.finish_reason == "length" for g in groups for c in g) / len(lengths),
+                "reward/no_answer_share": reasons.count("no answer") / len(reasons),
+                "reward/failures": sum(r.startswith(("error", "timeout")) for r in reasons),
+                **{f"losses/{k}": v for k, v in stats.items() if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer")},
+                "optim/lr": stats.get("lr", rl.lr),
+                "optim/grad_norm": stats.get("grad_norm", float("nan")),
+                "sync/logprob_gap_rollout_vs_trainer": stats["logprob_gap_vllm_trainer"],
+                "sync/probe_gap_after_sync": gap,
+                **sampler.metrics(),
+                **times,
+                "time/iteration": sum(times.values()),
+            }
+            metrics.log(iteration, record)
+            _log_samples(samples_path, iteration, batch, groups, rewards, run, rl.samples_to_log)
+            log(f"[rl] iter {iteration}/{rl.iterations}  reward {record['train/reward_mean']:.3f}  "
+                f"len {record['train/response_tokens_mean']:.0f}  loss {record.get('losses/loss', 0):.4f}  "
+                f"kl {record.get('losses/kl_to_prev_est', 0):.2e}  gap {gap:.1e}  {record['time/iteration']:.1f}s")
+            if iteration % rl.checkpoint_every == 0 or iteration == rl.iterations:
+                state.update(sampler=sampler.state_dict(), rl_wall_seconds=rl_wall + time.time() - rl_start)
+                save_checkpoint(run.dir, trainers, iteration, state)
+        wall["rl"] = rl_wall + time.time() - rl_start
+        t0 = time.time()
+        state["eval_after"] = evaluate(engines, pool, heldout_prompts, heldout_answers, recipe, seed=10**6)
+        state["eval_after"]["wall_seconds"] = time.time() - t0
+    metrics.log(rl.iterations, {"eval/accuracy": state["eval_after"]["accuracy"],
+                                "eval/mean_response_tokens": state["eval_after"]["mean_response_tokens"]})
+    final = run.dir / "checkpoints" / "final"
+    with atomic_directory(final) as tmp:
+        ray.get(trainers[0].save_hf.remote(str(tmp)))
+    sync_file.unlink(missing_ok=True)
+    records = metrics.records()
+    metrics.close()
+    plot_curves(records, run.dir / "curves.png", "iteration", {
+        "reward / accuracy": ["train/reward_mean", "eval/accuracy"],
+        "response length (tokens)": ["train/response_tokens_mean", "eval/mean_response_tokens"],
+    })
+    before, after = state["eval_before"], state["eval_after"]
+    report = {
+        "accuracy_before_rl": before["accuracy"],
+        "accuracy_after_rl": after["accuracy"],
+        "mean_response_tokens_before_rl": before["mean_response_tokens"],
+        "mean_response_tokens_after_rl": after["mean_response_tokens"],
+        "n_heldout": before["n_prompts"],
+        "eval_decoding": {"samples_per_prompt": recipe.eval.samples_per_prompt, "temperature": recipe.eval.temperature,
+                          "top_p": recipe.eval.top_p, "max_tokens": recipe.eval.max_tokens, "seed": 10**6},
+        "rl_iterations": rl.iterations,
+        "wall_seconds": {**wall, "eval_before": before["wall_seconds"], "eval_after": after["wall_seconds"]},
+        "final_checkpoint": str(final),
+        "run_dir": str(run.dir),
+    }
+    atomic_write_json(run.dir / "report.json", report)
+    for actor in [*trainers, *engines]:
+        ray.kill(actor)
+    return report
+
+
+def _log_samples(path: Path, iteration: int, batch, groups, rewards, run: Run, n: int) -> None:
+    import json
+
+    rng = random.Random(iteration)
+    with open(path, "a") as f:
+        for j in rng.sample(range(len(batch)), min(n, len(batch))):
+            row = run.train_rows[batch[j]]
+            f.write(json.dumps({"iteration": iteration, "prompt": row["prompt"], "answer": row["answer"],
+                                "response": groups[j][0].text, "reward": rewards[j][0]}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="thinkrl RL run (SFT warmup, then policy mirror descent)")
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.iterations=10")
+    args = parser.parse_args(argv)
+
+    from thinkrl.cluster import init_ray
+    from thinkrl.config import RecipeError, load_recipe
+    from thinkrl.fileio import DataError
+
+    try:
+        recipe = load_recipe(Recipe, args.recipe, args.overrides)
+        run = prepare_run(recipe)
+    except (RecipeError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    init_ray()
+    start = time.time()
+    report = rl_loop(recipe, run, log=lambda msg: print(msg, flush=True))
+    print(f"[done] held-out accuracy {report['accuracy_before_rl']:.3f} -> {report['accuracy_after_rl']:.3f}  "
+          f"mean length {report['mean_response_tokens_before_rl']:.1f} -> {report['mean_response_tokens_after_rl']:.1f} "
+          f"tokens  ({report['n_heldout']} problems)  total {time.time() - start:.0f}s", flush=True)
+    print(run.dir, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

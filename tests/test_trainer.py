@@ -1,0 +1,69 @@
+"""The PMD trainer rank on real DeepSpeed (CPU accelerator, gloo), without Ray."""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_dense):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from rl.trainer import PMDWorker
+    from thinkrl.cluster import free_port
+    from thinkrl.train_engine import DistConfig, OptimConfig
+
+    return PMDWorker(str(tiny_dense), OptimConfig(lr=3e-3), DistConfig(master_port=free_port(), zero_stage=1), seed=0)
+
+
+def _samples(worker, rewards):
+    from rl.trainer import Sample
+    from thinkrl.chat import prompt_ids
+
+    tok = worker.engine.tokenizer
+    prompt = prompt_ids(tok, "3+4=?")
+    responses = ["<think>3+4=7</think>\\boxed{7}", "<think>3+4=8</think>\\boxed{8}",
+                 "<think>3+4=6</think>\\boxed{6}", "<think>3+4=9</think>\\boxed{9}"]
+    out = []
+    for r, text in zip(rewards, responses, strict=True):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append(Sample(prompt, ids, r, 0, worker.probe_logprobs(prompt + ids, len(prompt))))
+    return out
+
+
+def test_update_raises_rewarded_response_and_reports_gap(worker):
+    from rl.trainer import PMDSettings
+
+    samples = _samples(worker, [1.0, 0.0, 0.0, 0.0])
+    before = [sum(s.rollout_logprobs) for s in samples]
+    stats = worker.update(samples, PMDSettings(tau=0.1, mini_batches=1))
+    after = [sum(worker.probe_logprobs(s.prompt_ids + s.response_ids, len(s.prompt_ids))) for s in samples]
+    assert after[0] > before[0]
+    assert sum(a - b for a, b in zip(after[1:], before[1:], strict=True)) < 0
+    # log pi_theta_i was recomputed under the same weights the "rollout" log-probs came from
+    assert stats["logprob_gap_vllm_trainer"] < 1e-4
+    assert stats["grad_norm"] > 0 and stats["loss"] > 0
+
+
+def test_equal_rewards_give_no_update(worker):
+    from rl.trainer import PMDSettings
+
+    samples = _samples(worker, [1.0, 1.0, 1.0, 1.0])
+    stats = worker.update(samples, PMDSettings(tau=0.1, mini_batches=1))
+    assert stats["grad_norm"] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_exported_weights_load_into_transformers(worker, tmp_path):
+    from safetensors.torch import load_file
+
+    from thinkrl.models import load_causal_lm
+
+    path = worker.export_weights(str(tmp_path / "w.safetensors"))
+    worker.save_hf(str(tmp_path / "hf"))
+    exported = load_file(path)
+    reloaded = load_causal_lm(tmp_path / "hf").state_dict()
+    for name, tensor in worker.engine.module.state_dict().items():
+        torch.testing.assert_close(exported[name], tensor)
+        torch.testing.assert_close(reloaded[name], tensor)

@@ -1,0 +1,72 @@
+"""Ray plumbing: joining a cluster, the runtime environment, and groups of trainer ranks.
+
+`ray.init()` joins the cluster of a `ray job submit` (or `RAY_ADDRESS`), or starts a local one. Actors
+get the environment variables that select DeepSpeed's CPU accelerator and keep vLLM on CPU well-behaved.
+The job's working directory carries code only (see `RUNTIME_EXCLUDES`): Ray refuses large uploads,
+and virtual environments, run outputs and model caches have no business on the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+# Paths never uploaded with a job's working directory.
+RUNTIME_EXCLUDES = [".venv/", "runs/", ".cache/", "*.safetensors", "*.bin", "*.pt", ".git/", "**/__pycache__/",
+                    ".pytest_cache/", ".ruff_cache/", "bench/results/"]
+
+
+def actor_env() -> dict[str, str]:
+    """Environment for trainer and rollout actors on this machine's kind of device."""
+    import torch
+
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
+    if not torch.cuda.is_available():
+        # Ray gives actors without a CPU reservation one OpenMP thread; the trainer and the engines take
+        # turns (the loop is synchronous), so each may use every core while it works.
+        env.update(DS_ACCELERATOR="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    for key in ("VLLM_CPU_KVCACHE_SPACE", "THINKRL_CACHE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the running cluster (job submission, RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": "WARNING"}
+    if "RAY_ADDRESS" not in os.environ:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remote_actor(cls, *, num_cpus: float = 0.0, num_gpus: float = 0.0):
+    """`ray.remote(cls)` with this project's actor environment."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": actor_env()})(cls)
+
+
+def trainer_group(cls, world_size: int, make_args, *, gpus_per_rank: float = 0.0) -> list:
+    """`world_size` actors of `cls`, rank r constructed with `make_args(rank, master_addr, master_port)`.
+
+    Ranks rendezvous through torch.distributed on rank 0's node; all are constructed concurrently
+    (init_distributed blocks until every rank has joined).
+    """
+    import ray
+
+    addr, port = ray.util.get_node_ip_address(), free_port()
+    actor_cls = remote_actor(cls, num_gpus=gpus_per_rank)
+    actors = [actor_cls.remote(*make_args(rank, addr, port)) for rank in range(world_size)]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+    return actors

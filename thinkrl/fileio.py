@@ -1,0 +1,109 @@
+"""Atomic writes and validated JSONL reading.
+
+Everything thinkrl leaves on disk that a later run trusts (checkpoints, model caches, state, datasets)
+is written under a temporary name and renamed into place, so a kill during a save leaves the previous
+version intact and never a half-written one that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final` in one rename.
+
+    An existing `final` is moved aside first and removed after the swap, so at every instant either the
+    old or the new complete folder exists under that name (or, for the instant between the two renames,
+    the old one under `<final>.old`, which `atomic_directory` itself cleans up on the next call).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stale = final.with_name(final.name + ".old")
+    if stale.exists() and final.exists():
+        shutil.rmtree(stale)
+    elif stale.exists():
+        stale.rename(final)  # a crash between the two renames below: the old copy is the good one
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            final.rename(stale)
+        tmp.rename(final)
+        if stale.exists():
+            shutil.rmtree(stale)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+class DataError(ValueError):
+    """A dataset row or file that cannot be used; the message names the file, row and field."""
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file, checking every row is an object with the `required` non-empty fields.
+
+    Raises DataError naming the file, the 1-based line number and the field on the first bad row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: dataset file not found")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for field in required:
+                if field not in row or row[field] is None or str(row[field]).strip() == "":
+                    raise DataError(f"{path}:{lineno}: missing or empty field {field!r}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: dataset file has no rows")
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,151 @@
+"""The embedded default task: left-to-right integer arithmetic with a programmatic long-CoT teacher.
+
+A problem is a chain of 1-5 additions/subtractions of single digits (`7+5-3+8=?`); its difficulty is
+the number of operations. Running totals stay in 0..20, so a tiny character-level model can learn the
+arithmetic in minutes on a CPU.
+
+The teacher writes worked solutions with the cognitive moves the Kimi reports name: a plan, one line
+per step, a reflection that catches and corrects a slip ("Wait, ..."), a final check, and a
+`\\boxed{}` answer after `</think>`. Like an LLM teacher, it is imperfect on purpose: each step slips
+by one with probability `slip_rate`, and only a share `fix_rate` of slips is caught by the reflection.
+A model warmed up on these traces inherits the slips; RL with a correctness reward is what lets the
+policy become better than its teacher, which is what the demo measures.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+MAX_TOTAL = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. `terms[0]` is the start; `ops[i]` ('+'/'-') applies `terms[i + 1]`."""
+
+    terms: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    @property
+    def question(self) -> str:
+        text = str(self.terms[0])
+        for op, term in zip(self.ops, self.terms[1:], strict=True):
+            text += op + str(term)
+        return text + "=?"
+
+    @property
+    def answer(self) -> int:
+        return self.partial_totals()[-1]
+
+    @property
+    def difficulty(self) -> int:
+        return len(self.ops)
+
+    def partial_totals(self) -> list[int]:
+        totals = [self.terms[0]]
+        for op, term in zip(self.ops, self.terms[1:], strict=True):
+            totals.append(totals[-1] + term if op == "+" else totals[-1] - term)
+        return totals
+
+
+def sample_problem(rng: random.Random, num_ops: int) -> Problem:
+    """A random problem with `num_ops` operations whose running totals stay in 0..MAX_TOTAL."""
+    terms = [rng.randint(1, 9)]
+    ops: list[str] = []
+    total = terms[0]
+    for _ in range(num_ops):
+        term = rng.randint(1, 9)
+        choices = [op for op, ok in (("+", total + term <= MAX_TOTAL), ("-", total - term >= 0)) if ok]
+        op = rng.choice(choices)
+        total = total + term if op == "+" else total - term
+        terms.append(term)
+        ops.append(op)
+    return Problem(tuple(terms), tuple(ops))
+
+
+def make_rows(n: int, seed: int, min_ops: int = 1, max_ops: int = 5, exclude: set[str] | None = None) -> list[dict]:
+    """`n` distinct problems as dataset rows: `id`, `prompt`, `answer`, `difficulty`."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    rows = []
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"cannot draw {n} distinct problems with {min_ops}..{max_ops} operations")
+        problem = sample_problem(rng, rng.randint(min_ops, max_ops))
+        if problem.question in seen:
+            continue
+        seen.add(problem.question)
+        rows.append(
+            {
+                "id": f"arith-{seed}-{len(rows)}",
+                "prompt": problem.question,
+                "answer": str(problem.answer),
+                "difficulty": problem.difficulty,
+            }
+        )
+    return rows
+
+
+def parse_question(question: str) -> Problem:
+    """Inverse of `Problem.question`."""
+    body = question.removesuffix("=?")
+    terms, ops, digits = [], [], ""
+    for ch in body:
+        if ch in "+-":
+            terms.append(int(digits))
+            ops.append(ch)
+            digits = ""
+        else:
+            digits += ch
+    terms.append(int(digits))
+    return Problem(tuple(terms), tuple(ops))
+
+
+def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.15, fix_rate: float = 0.5) -> str:
+    """A worked long-CoT solution (the assistant message content) for `problem`.
+
+    Each step's result slips by +-1 with probability `slip_rate`; a slip is caught by a reflection
+    line and corrected with probability `fix_rate`, otherwise the chain carries on from the wrong value.
+    """
+    lines = [f"Plan: {problem.difficulty} steps."]
+    value = problem.terms[0]
+    for op, term in zip(problem.ops, problem.terms[1:], strict=True):
+        result = value + term if op == "+" else value - term
+        if rng.random() < slip_rate:
+            wrong = result + rng.choice((-1, 1)) if 0 < result < MAX_TOTAL else result + (1 if result == 0 else -1)
+            lines.append(f"{value}{op}{term}={wrong}")
+            if rng.random() < fix_rate:
+                lines.append(f"Wait, {value}{op}{term}={result}.")
+            else:
+                result = wrong
+        else:
+            lines.append(f"{value}{op}{term}={result}")
+        value = result
+    if problem.ops:
+        last = problem.terms[-1]
+        undo, back = ("-", value - last) if problem.ops[-1] == "+" else ("+", value + last)
+        lines.append(f"Check: {value}{undo}{last}={back}.")
+    return "<think>" + "\n".join(lines) + "</think>\\boxed{" + str(value) + "}"
+
+
+def sft_conversations(rows: list[dict], seed: int, samples_per_row: int = 1, slip_rate: float = 0.15,
+                      fix_rate: float = 0.5) -> list[dict]:
+    """ChatML conversations (`{"messages": [...]}`) with teacher solutions for the SFT warmup."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        problem = parse_question(row["prompt"])
+        for _ in range(samples_per_row):
+            out.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": teacher_solution(problem, rng, slip_rate, fix_rate)},
+                    ],
+                    "answer": row["answer"],
+                }
+            )
+    return out

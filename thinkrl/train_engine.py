@@ -1,0 +1,215 @@
+"""The one DeepSpeed training engine, shared by the SFT warmup and RL.
+
+A `TrainEngine` is one data-parallel rank: it joins the process group (gloo on CPU, NCCL on GPU), loads
+the model from a Hugging Face folder, wraps it with DeepSpeed (ZeRO stage from the recipe) and offers
+what both stages need: token log-probabilities, a backward/step pair, optimizer reset, weight export
+and atomic Hugging Face / resumable checkpoints. It holds no algorithm: SFT and PMD workers compose it.
+
+Log-probs are computed from the decoder's hidden states with the output projection applied to chunks
+of the selected positions, so logits are never materialised as [T, V] for a whole batch at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule of one training stage (read from the recipe by the stage's driver)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 0  # 0: constant after warmup
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr (the paper decays 2e-5 -> 2e-6)
+
+
+@dataclass
+class DistConfig:
+    """Where this rank sits in its trainer group."""
+
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    zero_stage: int = 1
+    micro_batches_per_step: int = 1
+
+
+def lr_lambda(optim: OptimConfig):
+    """Linear warmup, then cosine decay to `min_lr_ratio` over `total_steps` (constant if 0)."""
+
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if not optim.total_steps:
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.total_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class TrainEngine:
+    """One rank of a DeepSpeed trainer group holding a causal LM and its optimizer."""
+
+    def __init__(self, model_path: str | Path, optim: OptimConfig, dist: DistConfig, seed: int = 0,
+                 logprob_chunk_tokens: int = 4096) -> None:
+        import deepspeed
+
+        from thinkrl.models import load_causal_lm, load_tokenizer
+
+        torch.manual_seed(seed + dist.rank)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        os.environ.update(
+            RANK=str(dist.rank), LOCAL_RANK="0" if self.device.type == "cpu" else str(torch.cuda.current_device()),
+            WORLD_SIZE=str(dist.world_size), MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port),
+        )
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
+        self.rank, self.world_size = dist.rank, dist.world_size
+        self.dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        model = load_causal_lm(model_path, self.dtype)
+        self.tokenizer = load_tokenizer(model_path)
+        self.logprob_chunk_tokens = logprob_chunk_tokens
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": dist.micro_batches_per_step,
+            "train_batch_size": dist.micro_batches_per_step * dist.world_size,
+            "gradient_clipping": optim.grad_clip,
+            "zero_optimization": {"stage": dist.zero_stage},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def token_logprobs(self, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor,
+                       target_mask_B_T: torch.Tensor) -> torch.Tensor:
+        """log p(token_t | tokens_<t) for every position where `target_mask` is 1 (else 0), [B, T].
+
+        Position 0 never has a log-prob. Gradients flow when called outside `torch.no_grad()`.
+        """
+        module = self.engine.module
+        decoder = module.get_decoder() if hasattr(module, "get_decoder") else module.model
+        input_ids_B_T = input_ids_B_T.to(self.device)
+        attention_mask_B_T = attention_mask_B_T.to(self.device)
+        target_mask_B_T = target_mask_B_T.to(self.device).bool()
+        hidden_B_T_H = decoder(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).last_hidden_state
+        # hidden at t-1 predicts token t
+        select_B_T = target_mask_B_T.clone()
+        select_B_T[:, 0] = False
+        rows, cols = select_B_T.nonzero(as_tuple=True)
+        hidden_N_H = hidden_B_T_H[rows, cols - 1]
+        targets_N = input_ids_B_T[rows, cols]
+        head = module.get_output_embeddings()
+        pieces = []
+        for start in range(0, hidden_N_H.shape[0], self.logprob_chunk_tokens):
+            logits = head(hidden_N_H[start : start + self.logprob_chunk_tokens]).float()
+            chosen = logits.gather(-1, targets_N[start : start + self.logprob_chunk_tokens, None]).squeeze(-1)
+            pieces.append(chosen - torch.logsumexp(logits, dim=-1))
+        logp_N = torch.cat(pieces) if pieces else hidden_N_H.new_zeros(0, dtype=torch.float32)
+        out_B_T = torch.zeros(input_ids_B_T.shape, dtype=torch.float32, device=self.device)
+        return out_B_T.index_put((rows, cols), logp_N)
+
+    # ---- update ----------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        """Optimizer step at the gradient-accumulation boundary; returns grad norm and learning rate."""
+        at_boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        stats = {"lr": float(self.scheduler.get_last_lr()[0])}
+        if at_boundary:
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                stats["grad_norm"] = float(norm)
+        return stats
+
+    def reset_optimizer(self) -> None:
+        """Forget Adam's moments (k1.5 resets the optimizer at every iteration)."""
+        opt = self.optimizer
+        while hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        opt.state.clear()
+
+    # ---- export / checkpoints --------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full (unsharded) weights as CPU tensors under their Hugging Face names."""
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.engine.module.state_dict().items()}
+
+    def export_weights(self, path: str | Path) -> str:
+        """Write the weights to one safetensors file (rank 0 only; atomic), for the rollout engines."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(_dedup_shared(self.full_state_dict()), str(tmp))
+            os.replace(tmp, path)
+        return str(path)
+
+    def save_hf(self, out_dir: str | Path) -> None:
+        """Write a Hugging Face checkpoint (model + tokenizer) into `out_dir` (rank 0).
+
+        Not atomic by itself: drivers call it inside `atomic_directory`, which all ranks share.
+        """
+        if self.rank == 0:
+            self.engine.module.save_pretrained(out_dir, safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir)
+
+    def save_state(self, out_dir: str | Path) -> None:
+        """Resumable training state (weights, optimizer, scheduler) into `out_dir` (every rank)."""
+        self.engine.save_checkpoint(str(out_dir), tag="ds", save_latest=False)
+
+    def load_state(self, in_dir: str | Path) -> None:
+        self.engine.load_checkpoint(str(in_dir), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+
+
+def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in state.items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = name
+        out[name] = tensor
+    return out
+
+
+def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int):
+    """Right-pad token lists into (input_ids, attention_mask, target_mask) tensors, each [B, T]."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    target = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        target[i, : len(mask)] = torch.tensor(mask)
+    return ids, attn, target
