@@ -77,11 +77,10 @@ class PMDWorker:
             self.engine.reset_optimizer()
         groups = sorted({s.group for s in samples})
         self.rng.shuffle(groups)
-        per_step = max(1, len(groups) // settings.mini_batches)
         index_of = {id(s): i for i, s in enumerate(samples)}
         log_ratios: list[float] = []
         for step in range(settings.mini_batches):
-            chosen = groups[step * per_step : (step + 1) * per_step]
+            chosen = groups[step :: settings.mini_batches]
             if len(chosen) < self.accumulation:
                 raise ValueError(
                     f"a mini-batch of {len(chosen)} prompt groups cannot feed {self.accumulation} micro-batches"

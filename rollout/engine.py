@@ -44,7 +44,7 @@ class EngineSettings:
     seed: int = 0
     max_model_len: int = 1024
     tensor_parallel_size: int = 1
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: what the trainer computes in (float32 on CPU, bfloat16 on GPU)
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.5
     cpu_kv_cache_gb: int = 1
@@ -64,7 +64,7 @@ class RolloutEngine:
         self.llm = LLM(
             model=settings.model_path,
             seed=settings.seed,
-            dtype=settings.dtype,
+            dtype=("float32" if self.is_cpu else "bfloat16") if settings.dtype == "auto" else settings.dtype,
             max_model_len=settings.max_model_len,
             tensor_parallel_size=settings.tensor_parallel_size,
             enforce_eager=settings.enforce_eager,

@@ -47,6 +47,8 @@ def main() -> int:
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray heads enable token authentication by default; the CLI must then send the head's token
+    env.setdefault("RAY_AUTH_MODE", "token")
     ensure_head(args.dashboard, env)
     run_dir = Path(args.run_dir).resolve()
     runtime_env = {

@@ -20,8 +20,8 @@ SMALL = ["sft.steps=15", "sft.n_examples=300", "sft.log_every=5", "data.n_train=
 
 
 def _train(run_dir, cache, *overrides, check=True):
-    env = {**os.environ, "THINKRL_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("RAY_ADDRESS", None)
+    # a private local cluster, even when a Ray head (e.g. `make demo`'s) runs on this machine
+    env = {**os.environ, "THINKRL_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_ADDRESS": "local"}
     out = subprocess.run(
         [sys.executable, "-m", "rl.train", "recipes/tiny.yaml", f"run.output_dir={run_dir}", *SMALL, *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,

@@ -21,7 +21,7 @@ def actor_env() -> dict[str, str]:
     """Environment for trainer and rollout actors on this machine's kind of device."""
     import torch
 
-    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if not torch.cuda.is_available():
         # Ray gives actors without a CPU reservation one OpenMP thread; the trainer and the engines take
         # turns (the loop is synchronous), so each may use every core while it works.

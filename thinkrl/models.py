@@ -74,16 +74,16 @@ def tiny_config(kind: TinyKind, vocab_size: int, eos_id: int, pad_id: int):
         bos_token_id=None,
         tie_word_embeddings=False,
         rope_theta=10000.0,
-        torch_dtype="float32",
+        dtype="float32",
     )
     if kind == "tiny-dense":
         from transformers import Qwen2Config
 
         return Qwen2Config(
-            hidden_size=192,
-            intermediate_size=512,
+            hidden_size=128,
+            intermediate_size=384,
             num_hidden_layers=4,
-            num_attention_heads=6,
+            num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
             **common,
@@ -128,7 +128,7 @@ def build_tiny_model(kind: TinyKind, out_dir: str | Path, seed: int = 0) -> Path
     tokenizer = build_tokenizer()
     config = tiny_config(kind, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -162,12 +162,15 @@ def resolve_model(name_or_path: str, cache_dir: str | Path, seed: int = 0) -> Pa
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32"):
-    """Load a causal LM from a local folder for training (eager attention on CPU, sdpa on GPU)."""
+    """Load a causal LM from a local folder for training (PyTorch SDPA attention)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch_dtype, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation="sdpa")
 
 
 def load_tokenizer(path: str | Path):
