@@ -123,7 +123,9 @@ def build_tiny_model(kind: TinyKind, out_dir: str | Path, seed: int = 0) -> Path
     """Build a random-initialised tiny model and its tokenizer into `out_dir` (atomically)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     config = tiny_config(kind, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
