@@ -176,45 +176,57 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # ---- the loop --------------------------------------------------------------------------------------
 
 
-def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
-    """SFT warmup (if needed), evaluation, RL iterations, final evaluation; returns the report."""
+@dataclass
+class Loop:
+    """What every iteration uses: the actors, the reward pool, the sampler and the fixed inputs."""
+
+    recipe: Recipe
+    run: Run
+    trainers: list
+    engines: list
+    pool: object
+    sampler: object
+    train_prompts: list[list[int]]
+    settings: object
+    probe_ids: list[int]
+    probe_prompt_len: int
+    sync_file: Path
+
+
+def warmup(recipe: Recipe, run: Run, log) -> tuple[Path, float | None]:
+    """Run the SFT warmup unless it finished before; returns the model RL starts from and its wall time."""
     import json
 
-    import ray
-
-    from rewards.math import math_reward
-    from rewards.pool import RewardPool
-    from rl.trainer import PMDSettings, PMDWorker, Sample
-    from rollout.engine import EngineSettings, RolloutEngine, RolloutSettings
-    from samplers.uniform import UniformSampler
-    from thinkrl.chat import prompt_ids
-    from thinkrl.cluster import remote_actor, trainer_group
-    from thinkrl.metrics import MetricsLogger, plot_curves
-    from thinkrl.train_engine import DistConfig, OptimConfig
-
-    rl, wall = recipe.rl, {}
     sft_dir = run.dir / "checkpoints" / "sft"
-    if recipe.sft.enabled and not (sft_dir / "config.json").exists():
+    if not recipe.sft.enabled:
+        return run.base_model, None
+    if not (sft_dir / "config.json").exists():
         from sft.train import run_sft
 
+        rl = recipe.rl
         log(f"[sft] warmup: {len(run.sft_examples)} conversations, {recipe.sft.steps} steps")
         t0 = time.time()
-        sft_stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), sft_dir, recipe.run.seed,
-                            rl.num_trainers, rl.zero_stage, rl.gpus_per_trainer, log=log)
-        wall["sft"] = time.time() - t0
-        atomic_write_json(run.dir / "sft_stats.json", {**sft_stats, "wall_seconds": wall["sft"]})
-    if (run.dir / "sft_stats.json").exists():
-        wall["sft"] = json.loads((run.dir / "sft_stats.json").read_text())["wall_seconds"]
-    start_model = sft_dir if recipe.sft.enabled else run.base_model
+        stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), sft_dir, recipe.run.seed,
+                        rl.num_trainers, rl.zero_stage, rl.gpus_per_trainer, log=log)
+        atomic_write_json(run.dir / "sft_stats.json", {**stats, "wall_seconds": time.time() - t0})
+    stats_file = run.dir / "sft_stats.json"
+    return sft_dir, json.loads(stats_file.read_text())["wall_seconds"] if stats_file.exists() else None
 
-    resume = latest_checkpoint(run.dir)
-    state = json.loads((resume / CHECKPOINT_STATE).read_text()) if resume else {}
-    serve_model = resume / "hf" if resume else start_model
-    t0 = time.time()
+
+def start_actors(recipe: Recipe, model: Path, resume: Path | None, state: dict, log) -> tuple[list, list]:
+    """The DeepSpeed trainer ranks (restored from `resume` if given) and the vLLM engines, both on `model`."""
+    import ray
+
+    from rl.trainer import PMDWorker
+    from rollout.engine import EngineSettings, RolloutEngine
+    from thinkrl.cluster import remote_actor, trainer_group
+    from thinkrl.train_engine import DistConfig, OptimConfig
+
+    rl, ro = recipe.rl, recipe.rollout
     optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
     trainers = trainer_group(
         PMDWorker, rl.num_trainers,
-        lambda rank, addr, port: (str(serve_model), optim,
+        lambda rank, addr, port: (str(model), optim,
                                   DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage, rl.micro_batches_per_step),
                                   recipe.run.seed),
         gpus_per_rank=rl.gpus_per_trainer,
@@ -222,40 +234,122 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
     if resume:
         ray.get([t.load_state.remote(str(resume / "trainer"), ws) for t, ws in zip(trainers, state["workers"], strict=True)])
         log(f"[rl] resumed from {resume} (iteration {state['iteration']})")
-    ro = recipe.rollout
     engine_cls = remote_actor(RolloutEngine, num_gpus=ro.gpus_per_engine)
     engines = [
         engine_cls.remote(EngineSettings(
-            model_path=str(serve_model), seed=recipe.run.seed + e, max_model_len=ro.max_model_len,
+            model_path=str(model), seed=recipe.run.seed + e, max_model_len=ro.max_model_len,
             tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
             gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
         ))
         for e in range(ro.num_engines)
     ]
     ray.get([e.__ray_ready__.remote() for e in engines])
-    wall["startup"] = time.time() - t0
-    log(f"[rl] {rl.num_trainers} trainer rank(s) and {ro.num_engines} vLLM engine(s) ready in {wall['startup']:.0f}s")
+    return trainers, engines
 
-    tok = run.tokenizer
-    system = recipe.data.system_prompt
-    train_prompts = [prompt_ids(tok, r["prompt"], system) for r in run.train_rows]
+
+def run_iteration(loop: Loop, iteration: int) -> dict:
+    """One PMD iteration: sample, roll out, score, update, sync, probe. Returns the metrics record."""
+    import ray
+
+    from rewards.math import math_reward
+    from rl.trainer import Sample
+    from rollout.engine import RolloutSettings
+
+    rl, ro, rows = loop.recipe.rl, loop.recipe.rollout, loop.run.train_rows
+    times: dict[str, float] = {}
+
+    t = time.time()
+    batch = loop.sampler.next(rl.prompts_per_iteration)
+    groups = generate(loop.engines, [loop.train_prompts[i] for i in batch],
+                      RolloutSettings(n=rl.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+                                      max_tokens=ro.max_tokens, seed=loop.recipe.run.seed * 10**7 + iteration * 10**4))
+    times["time/rollout"] = time.time() - t
+
+    t = time.time()
+    scored = loop.pool.map(math_reward, [(c.text, rows[i]["answer"]) for i, g in zip(batch, groups, strict=True) for c in g])
+    rewards = [[scored[j * rl.samples_per_prompt + s].score for s in range(len(g))] for j, g in enumerate(groups)]
+    loop.sampler.observe(batch, rewards)
+    times["time/reward"] = time.time() - t
+
+    t = time.time()
+    samples = [Sample(loop.train_prompts[i], c.token_ids, rewards[j][s], j, c.logprobs)
+               for j, (i, g) in enumerate(zip(batch, groups, strict=True)) for s, c in enumerate(g)]
+    shards = [[s for s in samples if s.group % rl.num_trainers == r] for r in range(rl.num_trainers)]
+    stats_per_rank = ray.get([tr.update.remote(shard, loop.settings) for tr, shard in zip(loop.trainers, shards, strict=True)])
+    times["time/update"] = time.time() - t
+
+    t = time.time()
+    times["time/weight_sync"] = sync_weights(loop.trainers, loop.engines, loop.sync_file)
+    gap = probe_gap(loop.trainers, loop.engines, loop.probe_ids, loop.probe_prompt_len)
+    times["time/probe"] = time.time() - t
+    if gap > rl.probe_tolerance:
+        raise RuntimeError(f"after the weight sync of iteration {iteration}, vLLM's log-probs differ from "
+                           f"the trainer's by {gap:.2e} on the probe (tolerance {rl.probe_tolerance:.0e})")
+
+    _log_samples(loop.run.dir / "samples.jsonl", iteration, batch, groups, rewards, loop.run, rl.samples_to_log)
+    flat_rewards = [r for g in rewards for r in g]
+    lengths = [len(c.token_ids) for g in groups for c in g]
+    stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in stats_per_rank[0]}
+    reasons = [r.reason for r in scored]
+    return {
+        "train/reward_mean": sum(flat_rewards) / len(flat_rewards),
+        "train/accuracy": sum(r > 0 for r in flat_rewards) / len(flat_rewards),
+        "train/response_tokens_mean": sum(lengths) / len(lengths),
+        "train/response_tokens_max": max(lengths),
+        "train/truncated_share": sum(c.finish_reason == "length" for g in groups for c in g) / len(lengths),
+        "reward/no_answer_share": reasons.count("no answer") / len(reasons),
+        "reward/failures": sum(r.startswith(("error", "timeout")) for r in reasons),
+        **{f"losses/{k}": v for k, v in stats.items() if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer")},
+        "optim/lr": stats.get("lr", rl.lr),
+        "optim/grad_norm": stats.get("grad_norm", float("nan")),
+        "sync/logprob_gap_rollout_vs_trainer": stats["logprob_gap_vllm_trainer"],
+        "sync/probe_gap_after_sync": gap,
+        **loop.sampler.metrics(),
+        **times,
+        "time/iteration": sum(times.values()),
+    }
+
+
+def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
+    """SFT warmup (if needed), evaluation, RL iterations, final evaluation; returns the report."""
+    import json
+
+    import ray
+
+    from rewards.pool import RewardPool
+    from rl.trainer import PMDSettings
+    from samplers.uniform import UniformSampler
+    from thinkrl.chat import prompt_ids
+    from thinkrl.metrics import MetricsLogger, plot_curves, truncate_jsonl
+
+    rl, wall = recipe.rl, {}
+    start_model, wall["sft"] = warmup(recipe, run, log)
+    resume = latest_checkpoint(run.dir)
+    state = json.loads((resume / CHECKPOINT_STATE).read_text()) if resume else {}
+    t0 = time.time()
+    trainers, engines = start_actors(recipe, resume / "hf" if resume else start_model, resume, state, log)
+    wall["startup"] = time.time() - t0
+    log(f"[rl] {rl.num_trainers} trainer rank(s) and {recipe.rollout.num_engines} vLLM engine(s) ready "
+        f"in {wall['startup']:.0f}s")
+
+    tok, system = run.tokenizer, recipe.data.system_prompt
     heldout_prompts = [prompt_ids(tok, r["prompt"], system) for r in run.heldout_rows]
     heldout_answers = [r["answer"] for r in run.heldout_rows]
-    probe_prompt = heldout_prompts[0]
-    probe_ids = probe_prompt + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
+    probe_ids = heldout_prompts[0] + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
     sync_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
-    sync_file = sync_dir / f"thinkrl-{os.getpid()}-weights.safetensors"
-
-    sampler = UniformSampler(len(train_prompts), seed=recipe.run.seed)
+    sampler = UniformSampler(len(run.train_rows), seed=recipe.run.seed)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
-    settings = PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
-                           log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer)
     start_iter = state.get("iteration", 0)
     metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None)
-    samples_path = run.dir / "samples.jsonl"
+    truncate_jsonl(run.dir / "samples.jsonl", "iteration", start_iter if resume else None)
 
     with RewardPool(recipe.reward.num_workers, recipe.reward.timeout_s) as pool:
+        loop = Loop(recipe, run, trainers, engines, pool, sampler,
+                    [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
+                    PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
+                                log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer),
+                    probe_ids, len(heldout_prompts[0]), sync_dir / f"thinkrl-{os.getpid()}-weights.safetensors")
         if "eval_before" not in state:
             t0 = time.time()
             state["eval_before"] = evaluate(engines, pool, heldout_prompts, heldout_answers, recipe, seed=10**6)
@@ -264,64 +358,14 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
                 f"mean length {state['eval_before']['mean_response_tokens']:.1f} tokens")
             metrics.log(0, {"eval/accuracy": state["eval_before"]["accuracy"],
                             "eval/mean_response_tokens": state["eval_before"]["mean_response_tokens"]})
-        rl_start = time.time()
-        rl_wall = state.get("rl_wall_seconds", 0.0)
+        rl_start, rl_wall = time.time(), state.get("rl_wall_seconds", 0.0)
         for iteration in range(start_iter + 1, rl.iterations + 1):
-            times: dict[str, float] = {}
-            t = time.time()
-            batch = sampler.next(rl.prompts_per_iteration)
-            groups = generate(engines, [train_prompts[i] for i in batch],
-                              RolloutSettings(n=rl.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
-                                              max_tokens=ro.max_tokens, seed=recipe.run.seed * 10**7 + iteration * 10**4))
-            times["time/rollout"] = time.time() - t
-
-            t = time.time()
-            scored = pool.map(math_reward, [(c.text, run.train_rows[i]["answer"]) for i, g in zip(batch, groups, strict=True) for c in g])
-            rewards = [[scored[j * rl.samples_per_prompt + s].score for s in range(len(g))] for j, g in enumerate(groups)]
-            sampler.observe(batch, rewards)
-            times["time/reward"] = time.time() - t
-
-            t = time.time()
-            samples = [Sample(train_prompts[i], c.token_ids, rewards[j][s], j, c.logprobs)
-                       for j, (i, g) in enumerate(zip(batch, groups, strict=True)) for s, c in enumerate(g)]
-            shards = [[s for s in samples if s.group % rl.num_trainers == r] for r in range(rl.num_trainers)]
-            stats_per_rank = ray.get([tr.update.remote(shard, settings) for tr, shard in zip(trainers, shards, strict=True)])
-            times["time/update"] = time.time() - t
-
-            t = time.time()
-            times["time/weight_sync"] = sync_weights(trainers, engines, sync_file)
-            gap = probe_gap(trainers, engines, probe_ids, len(probe_prompt))
-            times["time/probe"] = time.time() - t
-            if gap > rl.probe_tolerance:
-                raise RuntimeError(f"after the weight sync of iteration {iteration}, vLLM's log-probs differ from "
-                                   f"the trainer's by {gap:.2e} on the probe (tolerance {rl.probe_tolerance:.0e})")
-
-            flat_rewards = [r for g in rewards for r in g]
-            lengths = [len(c.token_ids) for g in groups for c in g]
-            stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in stats_per_rank[0]}
-            reasons = [r.reason for r in scored]
-            record = {
-                "train/reward_mean": sum(flat_rewards) / len(flat_rewards),
-                "train/accuracy": sum(r > 0 for r in flat_rewards) / len(flat_rewards),
-                "train/response_tokens_mean": sum(lengths) / len(lengths),
-                "train/response_tokens_max": max(lengths),
-                "train/truncated_share": sum(c.finish_reason == "length" for g in groups for c in g) / len(lengths),
-                "reward/no_answer_share": reasons.count("no answer") / len(reasons),
-                "reward/failures": sum(r.startswith(("error", "timeout")) for r in reasons),
-                **{f"losses/{k}": v for k, v in stats.items() if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer")},
-                "optim/lr": stats.get("lr", rl.lr),
-                "optim/grad_norm": stats.get("grad_norm", float("nan")),
-                "sync/logprob_gap_rollout_vs_trainer": stats["logprob_gap_vllm_trainer"],
-                "sync/probe_gap_after_sync": gap,
-                **sampler.metrics(),
-                **times,
-                "time/iteration": sum(times.values()),
-            }
+            record = run_iteration(loop, iteration)
             metrics.log(iteration, record)
-            _log_samples(samples_path, iteration, batch, groups, rewards, run, rl.samples_to_log)
             log(f"[rl] iter {iteration}/{rl.iterations}  reward {record['train/reward_mean']:.3f}  "
                 f"len {record['train/response_tokens_mean']:.0f}  loss {record.get('losses/loss', 0):.4f}  "
-                f"kl {record.get('losses/kl_to_prev_est', 0):.2e}  gap {gap:.1e}  {record['time/iteration']:.1f}s")
+                f"kl {record.get('losses/kl_to_prev_est', 0):.2e}  gap {record['sync/probe_gap_after_sync']:.1e}  "
+                f"{record['time/iteration']:.1f}s")
             if iteration % rl.checkpoint_every == 0 or iteration == rl.iterations:
                 state.update(sampler=sampler.state_dict(), rl_wall_seconds=rl_wall + time.time() - rl_start)
                 save_checkpoint(run.dir, trainers, iteration, state)
@@ -329,20 +373,28 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
         t0 = time.time()
         state["eval_after"] = evaluate(engines, pool, heldout_prompts, heldout_answers, recipe, seed=10**6)
         state["eval_after"]["wall_seconds"] = time.time() - t0
+    loop.sync_file.unlink(missing_ok=True)
     metrics.log(rl.iterations, {"eval/accuracy": state["eval_after"]["accuracy"],
                                 "eval/mean_response_tokens": state["eval_after"]["mean_response_tokens"]})
     final = run.dir / "checkpoints" / "final"
     with atomic_directory(final) as tmp:
         ray.get(trainers[0].save_hf.remote(str(tmp)))
-    sync_file.unlink(missing_ok=True)
     records = metrics.records()
     metrics.close()
     plot_curves(records, run.dir / "curves.png", "iteration", {
         "reward / accuracy": ["train/reward_mean", "eval/accuracy"],
         "response length (tokens)": ["train/response_tokens_mean", "eval/mean_response_tokens"],
     })
+    report = make_report(recipe, state, wall, final, run.dir)
+    atomic_write_json(run.dir / "report.json", report)
+    for actor in [*trainers, *engines]:
+        ray.kill(actor)
+    return report
+
+
+def make_report(recipe: Recipe, state: dict, wall: dict, final: Path, run_dir: Path) -> dict:
     before, after = state["eval_before"], state["eval_after"]
-    report = {
+    return {
         "accuracy_before_rl": before["accuracy"],
         "accuracy_after_rl": after["accuracy"],
         "mean_response_tokens_before_rl": before["mean_response_tokens"],
@@ -350,15 +402,12 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
         "n_heldout": before["n_prompts"],
         "eval_decoding": {"samples_per_prompt": recipe.eval.samples_per_prompt, "temperature": recipe.eval.temperature,
                           "top_p": recipe.eval.top_p, "max_tokens": recipe.eval.max_tokens, "seed": 10**6},
-        "rl_iterations": rl.iterations,
-        "wall_seconds": {**wall, "eval_before": before["wall_seconds"], "eval_after": after["wall_seconds"]},
+        "rl_iterations": recipe.rl.iterations,
+        "wall_seconds": {**{k: v for k, v in wall.items() if v is not None},
+                         "eval_before": before["wall_seconds"], "eval_after": after["wall_seconds"]},
         "final_checkpoint": str(final),
-        "run_dir": str(run.dir),
+        "run_dir": str(run_dir),
     }
-    atomic_write_json(run.dir / "report.json", report)
-    for actor in [*trainers, *engines]:
-        ray.kill(actor)
-    return report
 
 
 def _log_samples(path: Path, iteration: int, batch, groups, rewards, run: Run, n: int) -> None:

@@ -74,6 +74,10 @@ def test_second_submission_resumes(finished_run):
     assert "[rl] iter 3/3" in second.stdout and "[rl] iter 1/3" not in second.stdout
     latest = json.loads((run_dir / "checkpoints" / "rl" / "latest.json").read_text())
     assert latest["iteration"] == 3
+    from collections import Counter
+
+    logged = Counter(json.loads(line)["iteration"] for line in (run_dir / "samples.jsonl").read_text().splitlines())
+    assert logged == {1: 4, 2: 4, 3: 4}
 
 
 def test_checkpoints_load_in_transformers_and_vllm(finished_run):

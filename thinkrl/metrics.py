@@ -16,12 +16,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, resume_step: int | None = None, key: str = "iteration") -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.key = key
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get(key, -1) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        truncate_jsonl(self.path, key, resume_step)
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -48,6 +43,19 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_jsonl(path: Path, key: str, last_step: int | None) -> None:
+    """Keep only the records of `path` with `key` <= `last_step` (all gone if None), atomically."""
+    from thinkrl.fileio import atomic_write_text
+
+    if not path.exists():
+        return
+    if last_step is None:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get(key, -1) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def plot_curves(records: list[dict], out_png: str | Path, x: str, panels: dict[str, list[str]]) -> None:
