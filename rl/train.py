@@ -59,8 +59,9 @@ def prepare_run(recipe: Recipe) -> Run:
         fields = (data.prompt_field, data.answer_field)
         train = read_jsonl(data.train_file, required=fields)
         heldout = read_jsonl(data.heldout_file, required=fields)
-        train = [{"prompt": r[data.prompt_field], "answer": str(r[data.answer_field]), **r} for r in train]
-        heldout = [{"prompt": r[data.prompt_field], "answer": str(r[data.answer_field]), **r} for r in heldout]
+        # the row's own fields first, so a numeric "answer" field still ends up as the string rewards expect
+        train = [{**r, "prompt": r[data.prompt_field], "answer": str(r[data.answer_field])} for r in train]
+        heldout = [{**r, "prompt": r[data.prompt_field], "answer": str(r[data.answer_field])} for r in heldout]
     base_model = resolve_model(recipe.model.name_or_path, cache / "models", seed=recipe.run.seed)
     tokenizer = load_tokenizer(base_model)
     run = Run(run_dir, base_model, tokenizer, train, heldout)
