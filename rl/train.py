@@ -441,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     start = time.time()
     report = rl_loop(recipe, run, log=lambda msg: print(msg, flush=True))
+    import ray
+
+    # disconnect first: log lines of the killed actors (vLLM's shutdown warnings) are forwarded
+    # asynchronously and must not land after the run directory, which is the output's last line
+    ray.shutdown()
     print(f"[done] held-out accuracy {report['accuracy_before_rl']:.3f} -> {report['accuracy_after_rl']:.3f}  "
           f"mean length {report['mean_response_tokens_before_rl']:.1f} -> {report['mean_response_tokens_after_rl']:.1f} "
           f"tokens  ({report['n_heldout']} problems)  total {time.time() - start:.0f}s", flush=True)
