@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from samplers.config import SamplerConfig
 from thinkrl.config import Strict
 
 
@@ -88,6 +89,9 @@ class RLConfig(Strict):
     baseline: Literal["mean", "logsumexp"] = "mean"
     log_ratio_norm: Literal["sequence", "token"] = Field("sequence", description="paper: sequence")
     reset_optimizer: bool = Field(True, description="k1.5 resets the optimizer every iteration")
+    drop_uniform_groups: bool = Field(
+        False, description="leave prompt groups whose k rewards are all equal out of the update (under the mean "
+        "baseline they carry no policy-gradient signal); counted in metrics either way")
     num_trainers: int = Field(1, ge=1, description="DeepSpeed ranks (one per GPU, or CPU processes)")
     gpus_per_trainer: float = Field(0.0, ge=0)
     zero_stage: int = Field(1, ge=0, le=3)
@@ -121,5 +125,6 @@ class Recipe(Strict):
     sft: SFTConfig = SFTConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
+    sampler: SamplerConfig = SamplerConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()

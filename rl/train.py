@@ -62,6 +62,7 @@ def prepare_run(recipe: Recipe) -> Run:
         # the row's own fields first, so a numeric "answer" field still ends up as the string rewards expect
         train = [{**r, "prompt": r[data.prompt_field], "answer": str(r[data.answer_field])} for r in train]
         heldout = [{**r, "prompt": r[data.prompt_field], "answer": str(r[data.answer_field])} for r in heldout]
+    _check_sampler(recipe, train)
     base_model = resolve_model(recipe.model.name_or_path, cache / "models", seed=recipe.run.seed)
     tokenizer = load_tokenizer(base_model)
     run = Run(run_dir, base_model, tokenizer, train, heldout)
@@ -82,6 +83,17 @@ def prepare_run(recipe: Recipe) -> Run:
         run.sft_examples = encode_rows(tokenizer, rows, source, sft.max_seq_len).examples
     dump_recipe(recipe, run_dir / "config.yaml")
     return run
+
+
+def _check_sampler(recipe: Recipe, train: list[dict]) -> None:
+    """Build the sampler once here so missing or bad difficulty labels fail before any actor starts."""
+    from samplers import SamplerSetupError, build_sampler
+
+    try:
+        build_sampler(recipe.sampler, train, recipe.run.seed)
+    except SamplerSetupError as e:
+        source = recipe.data.train_file if recipe.data.task == "files" else "the arithmetic task's train split"
+        raise ValueError(f"{source}: sampler.kind={recipe.sampler.kind}: {e}") from None
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -250,7 +262,6 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, state: dict, 
 
 def run_iteration(loop: Loop, iteration: int) -> dict:
     """One PMD iteration: sample, roll out, score, update, sync, probe. Returns the metrics record."""
-    import ray
 
     from rewards.math import math_reward
     from rl.trainer import Sample
@@ -273,10 +284,11 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
     times["time/reward"] = time.time() - t
 
     t = time.time()
-    samples = [Sample(loop.train_prompts[i], c.token_ids, rewards[j][s], j, c.logprobs)
-               for j, (i, g) in enumerate(zip(batch, groups, strict=True)) for s, c in enumerate(g)]
-    shards = [[s for s in samples if s.group % rl.num_trainers == r] for r in range(rl.num_trainers)]
-    stats_per_rank = ray.get([tr.update.remote(shard, loop.settings) for tr, shard in zip(loop.trainers, shards, strict=True)])
+    uniform = [len(set(r)) == 1 for r in rewards]
+    kept = [j for j in range(len(batch)) if not (rl.drop_uniform_groups and uniform[j])]
+    samples = [Sample(loop.train_prompts[batch[j]], c.token_ids, rewards[j][s], n, c.logprobs)
+               for n, j in enumerate(kept) for s, c in enumerate(groups[j])]
+    stats_per_rank = update_policy(loop.trainers, samples, len(kept), loop.settings, rl)
     times["time/update"] = time.time() - t
 
     t = time.time()
@@ -290,7 +302,7 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
     _log_samples(loop.run.dir / "samples.jsonl", iteration, batch, groups, rewards, loop.run, rl.samples_to_log)
     flat_rewards = [r for g in rewards for r in g]
     lengths = [len(c.token_ids) for g in groups for c in g]
-    stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in stats_per_rank[0]}
+    stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in stats_per_rank[0]} if stats_per_rank else {}
     reasons = [r.reason for r in scored]
     return {
         "train/reward_mean": sum(flat_rewards) / len(flat_rewards),
@@ -303,12 +315,33 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
         **{f"losses/{k}": v for k, v in stats.items() if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer")},
         "optim/lr": stats.get("lr", rl.lr),
         "optim/grad_norm": stats.get("grad_norm", float("nan")),
-        "sync/logprob_gap_rollout_vs_trainer": stats["logprob_gap_vllm_trainer"],
+        "sync/logprob_gap_rollout_vs_trainer": stats.get("logprob_gap_vllm_trainer", float("nan")),
+        "train/uniform_reward_groups": sum(uniform),
+        "train/groups_in_update": len(kept),
         "sync/probe_gap_after_sync": gap,
         **loop.sampler.metrics(),
         **times,
         "time/iteration": sum(times.values()),
     }
+
+
+def update_policy(trainers, samples: list, num_groups: int, settings, rl) -> list[dict]:
+    """PMD update on every trainer rank (each gets whole prompt groups); [] when no group is left.
+
+    Dropping uniform-reward groups can leave fewer groups than `mini_batches` steps need: the steps
+    shrink to what the groups can fill rather than failing the iteration.
+    """
+    import dataclasses
+
+    import ray
+
+    per_step = rl.micro_batches_per_step * rl.num_trainers
+    steps = min(settings.mini_batches, num_groups // per_step)
+    if steps == 0:
+        return []
+    settings = dataclasses.replace(settings, mini_batches=steps)
+    shards = [[s for s in samples if s.group % rl.num_trainers == r] for r in range(rl.num_trainers)]
+    return ray.get([tr.update.remote(shard, settings) for tr, shard in zip(trainers, shards, strict=True)])
 
 
 def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
@@ -319,7 +352,7 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
 
     from rewards.pool import RewardPool
     from rl.trainer import PMDSettings
-    from samplers.uniform import UniformSampler
+    from samplers import build_sampler
     from thinkrl.chat import prompt_ids
     from thinkrl.metrics import MetricsLogger, plot_curves, truncate_jsonl
 
@@ -338,7 +371,7 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
     heldout_answers = [r["answer"] for r in run.heldout_rows]
     probe_ids = heldout_prompts[0] + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
     sync_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
-    sampler = UniformSampler(len(run.train_rows), seed=recipe.run.seed)
+    sampler = build_sampler(recipe.sampler, run.train_rows, recipe.run.seed)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
     start_iter = state.get("iteration", 0)

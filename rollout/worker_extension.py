@@ -17,10 +17,20 @@ class WeightLoaderExtension:
     """
 
     def thinkrl_load_weights(self, path: str) -> int:
+        import logging
+
         from safetensors.torch import load_file
 
         state = load_file(path, device="cpu")
         # vLLM's in-place reload restores each layer to checkpoint format, loads, and re-runs the
-        # post-load processing (on CPU the linear layers repack their weights for oneDNN).
-        self.model_runner.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+        # post-load processing (on CPU the linear layers repack their weights for oneDNN). Layers with
+        # buffers but no checkpoint weights (rotary embeddings) keep their tensors and make the reload
+        # warn "Failed to load weights" on every sync; the probe after each sync is the real check.
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = reload_log.level
+        reload_log.setLevel(logging.ERROR)
+        try:
+            self.model_runner.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+        finally:
+            reload_log.setLevel(level)
         return len(state)

@@ -1,0 +1,306 @@
+"""Difficulty labelling: `python -m rl.label INPUT.jsonl --model PATH -o OUT_DIR --samples 8`.
+
+For every row of a JSONL dataset (`prompt` and `answer` fields, names configurable), sample n responses
+from a model with an in-process vLLM engine, score them with the math correctness reward
+(`rewards.math.math_reward`, in killable worker processes) and write
+
+    OUT_DIR/labelled.jsonl   every input row, in input order, plus `pass_rate` (share of the n samples
+                             scoring > 0) and `difficulty_label` (bins of `samplers.difficulty.PASS_RATE_BINS`:
+                             easy >= 0.75 > medium >= 0.5 > hard >= 0.25 > very_hard); with
+                             --filter-solved / --filter-unsolved, rows with pass rate 1 / 0 are left out
+    OUT_DIR/summary.json     counts per label, pass-rate histogram, filtered rows, tokens, settings
+
+A curriculum reads the `pass_rate` of such rows (`sampler.difficulty_source=pass_rate`, or `auto` when
+the rows have no `difficulty` field) with the same bins, so label and level always agree.
+
+Resumable: rows are processed in chunks of `--chunk-size`; each finished chunk is written atomically
+to `OUT_DIR/chunks/NNNNNN.jsonl`, then `OUT_DIR/progress.json` records it (completed chunks and rows).
+A kill at any point leaves at most one chunk file beyond what progress.json records, which the next run
+overwrites; so running the same command again continues where it stopped, with no duplicate and no
+missing row. progress.json also fingerprints the input file and the sampling settings: resuming with
+different ones is refused rather than mixing two labellings. The final files are assembled from the
+chunks (and can be re-assembled with other filter flags without sampling again).
+
+Trade-off: on vLLM's CPU backend per-request seeds are unsupported, so a resumed run samples different
+(equally distributed) responses for the remaining chunks than an uninterrupted one would; on GPUs each
+row's sampling is seeded by `--seed` and its row number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+PROGRESS = "progress.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rl.label",
+                                description="label a dataset with its pass rate under a model and a difficulty label")
+    p.add_argument("input", help="JSONL dataset with a prompt and an answer per row")
+    p.add_argument("--model", required=True, help="'tiny-dense', 'tiny-moe' or a local Hugging Face folder")
+    p.add_argument("-o", "--output-dir", required=True, help="where labelled.jsonl, summary.json and progress go")
+    p.add_argument("--samples", type=int, default=8, help="responses sampled per prompt (default 8)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="response budget per sample (default 1024)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--filter-solved", action="store_true", help="leave out rows every sample solved (pass rate 1)")
+    p.add_argument("--filter-unsolved", action="store_true", help="leave out rows no sample solved (pass rate 0)")
+    p.add_argument("--chunk-size", type=int, default=256, help="rows per resumable chunk (default 256)")
+    p.add_argument("--max-model-len", type=int, default=None, help="engine context (default: prompt + max tokens)")
+    p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, the model's dtype on GPU")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of GPU memory (on CPU: of the KV-cache budget) vLLM may take; default 0.85 GPU, 0.15 CPU")
+    p.add_argument("--enforce-eager", action="store_true", help="skip graph compilation (faster start)")
+    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--reward-timeout", type=float, default=10.0, help="hard limit per verification, seconds")
+    p.add_argument("--cache-dir", default=os.environ.get("THINKRL_CACHE", "~/.cache/thinkrl"),
+                   help="where tiny models are built")
+    p.add_argument("--stop-after-chunks", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash, on cue
+    args = p.parse_args(argv)
+    for name in ("samples", "max_tokens", "chunk_size", "reward_workers", "tensor_parallel_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.top_p <= 1 or args.temperature < 0:
+        p.error("--top-p must be in (0, 1] and --temperature >= 0")
+    return args
+
+
+def read_rows(path: Path, prompt_field: str, answer_field: str) -> list[dict]:
+    """Every row of a JSONL file; raises DataError listing each bad line (number and field), up to 20."""
+    from thinkrl.fileio import DataError
+
+    if not path.is_file():
+        raise DataError(f"{path}: dataset file not found")
+    rows, problems = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                continue
+            missing = [k for k in (prompt_field, answer_field) if row.get(k) is None or str(row[k]).strip() == ""]
+            if missing:
+                problems.append(f"{path}:{lineno}: missing or empty field {', '.join(map(repr, missing))}")
+                continue
+            rows.append(row)
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} bad row(s), nothing labelled:\n  " + "\n  ".join(problems[:20]) + more)
+    if not rows:
+        raise DataError(f"{path}: dataset file has no rows")
+    return rows
+
+
+def fingerprint(args: argparse.Namespace, model_path: Path) -> dict:
+    """What must not change between a run and its resumption."""
+    digest = hashlib.sha256(Path(args.input).read_bytes()).hexdigest()
+    keys = ("samples", "max_tokens", "temperature", "top_p", "seed", "prompt_field", "answer_field",
+            "system_prompt", "chunk_size")
+    return {"input_sha256": digest, "model": str(model_path), **{k: getattr(args, k) for k in keys}}
+
+
+def load_progress(out_dir: Path, expected: dict) -> dict:
+    """The progress of an earlier run on `out_dir`, or a fresh one; refuses a different labelling."""
+    path = out_dir / PROGRESS
+    if not path.exists():
+        return {"fingerprint": expected, "completed_chunks": 0, "completed_rows": 0, "chunks": []}
+    progress = json.loads(path.read_text())
+    differs = [k for k in expected if progress["fingerprint"].get(k) != expected[k]]
+    if differs:
+        raise ValueError(f"{path}: holds the progress of a different labelling (differs in: {', '.join(differs)}); "
+                         "use another --output-dir, or delete this one to start over")
+    return progress
+
+
+class Labeller:
+    """The vLLM engine, tokenizer and reward pool; `label(rows, first)` labels one chunk."""
+
+    def __init__(self, args: argparse.Namespace, model_path: Path, max_prompt_len: int) -> None:
+        import torch
+        from vllm import LLM
+
+        from rewards.pool import RewardPool
+        from thinkrl.models import load_tokenizer
+
+        self.args = args
+        self.is_cpu = not torch.cuda.is_available()
+        self.tokenizer = load_tokenizer(model_path)
+        self.pool = RewardPool(args.reward_workers, args.reward_timeout)
+        dtype = ("float32" if self.is_cpu else "auto") if args.dtype == "auto" else args.dtype
+        memory = args.gpu_memory_utilization or (0.15 if self.is_cpu else 0.85)
+        self.llm = LLM(model=str(model_path), seed=args.seed, dtype=dtype, enforce_eager=args.enforce_eager,
+                       max_model_len=args.max_model_len or max_prompt_len + args.max_tokens,
+                       tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=memory)
+
+    def label(self, rows: list[dict], prompts: list[list[int]], first: int) -> tuple[list[dict], dict]:
+        """Labelled copies of `rows` (rows `first`, `first + 1`, ... of the input) and the chunk's counts."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from rewards.math import math_reward
+        from samplers.difficulty import pass_rate_bin
+
+        a = self.args
+        params = [SamplingParams(n=a.samples, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
+                                 seed=None if self.is_cpu else a.seed * 10**9 + first + j)
+                  for j in range(len(rows))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        texts = [[c.text for c in out.outputs] for out in outputs]
+        scored = self.pool.map(math_reward, [(t, str(row[a.answer_field])) for row, ts in zip(rows, texts, strict=True)
+                                             for t in ts])
+        labelled = []
+        for j, row in enumerate(rows):
+            scores = scored[j * a.samples : (j + 1) * a.samples]
+            pass_rate = sum(r.score > 0 for r in scores) / len(scores)
+            labelled.append({**row, "pass_rate": pass_rate, "difficulty_label": pass_rate_bin(pass_rate)[1]})
+        completions = [c for out in outputs for c in out.outputs]
+        stats = {"rows": len(rows), "generated_tokens": sum(len(c.token_ids) for c in completions),
+                 "truncated": sum(c.finish_reason == "length" for c in completions),
+                 "reward_failures": sum(r.reason.startswith(("error", "timeout")) for r in scored)}
+        return labelled, stats
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def chunk_path(out_dir: Path, index: int) -> Path:
+    return out_dir / "chunks" / f"{index:06d}.jsonl"
+
+
+def assemble(out_dir: Path, args: argparse.Namespace, progress: dict, n_chunks: int) -> dict:
+    """Write labelled.jsonl (filters applied) and summary.json from the finished chunks; returns the summary."""
+    from samplers.difficulty import PASS_RATE_BINS
+    from thinkrl.fileio import atomic_write_json, write_jsonl
+
+    rows = [json.loads(line) for c in range(n_chunks) for line in chunk_path(out_dir, c).read_text().splitlines()]
+    solved = [r for r in rows if r["pass_rate"] == 1.0]
+    unsolved = [r for r in rows if r["pass_rate"] == 0.0]
+    kept = [r for r in rows if not (args.filter_solved and r["pass_rate"] == 1.0)
+            and not (args.filter_unsolved and r["pass_rate"] == 0.0)]
+    write_jsonl(out_dir / "labelled.jsonl", kept)
+    histogram: dict[str, int] = {}
+    for r in rows:
+        key = f"{round(r['pass_rate'] * args.samples)}/{args.samples}"
+        histogram[key] = histogram.get(key, 0) + 1
+    totals = {k: sum(c[k] for c in progress["chunks"]) for k in ("generated_tokens", "truncated", "reward_failures")}
+    summary = {
+        "input": str(Path(args.input).resolve()),
+        "model": progress["fingerprint"]["model"],
+        "rows": len(rows),
+        "rows_written": len(kept),
+        "solved_rows": len(solved),
+        "unsolved_rows": len(unsolved),
+        "filtered_solved": len(solved) if args.filter_solved else 0,
+        "filtered_unsolved": len(unsolved) if args.filter_unsolved else 0,
+        "mean_pass_rate": sum(r["pass_rate"] for r in rows) / len(rows),
+        "labels": {label: sum(r["difficulty_label"] == label for r in rows) for _, _, label in PASS_RATE_BINS},
+        "pass_rate_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0].split("/")[0]))),
+        "bins": [{"min_pass_rate": lower, "level": level, "label": label} for lower, level, label in PASS_RATE_BINS],
+        "samples_per_prompt": args.samples,
+        "generated_tokens": totals["generated_tokens"],
+        "truncated_share": totals["truncated"] / (len(rows) * args.samples),
+        "reward_failures": totals["reward_failures"],
+        "settings": progress["fingerprint"],
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def prepare(args: argparse.Namespace) -> tuple[list[dict], list[list[int]], Path, dict]:
+    """Validate everything before the engine starts: rows, model, earlier progress, prompt lengths.
+
+    Returns the rows, their prompt token ids, the model folder and the progress. Raises ValueError
+    (DataError for bad rows) with a message to print as it is.
+    """
+    from thinkrl.chat import prompt_ids
+    from thinkrl.models import load_tokenizer, resolve_model
+
+    rows = read_rows(Path(args.input), args.prompt_field, args.answer_field)
+    model_path = resolve_model(args.model, Path(args.cache_dir).expanduser() / "models", seed=args.seed)
+    progress = load_progress(Path(args.output_dir).expanduser(), fingerprint(args, model_path))
+    if progress["completed_chunks"] * args.chunk_size >= len(rows):
+        return rows, [], model_path, progress  # all sampled: only the assembly is left
+    tokenizer = load_tokenizer(model_path)
+    prompts = [prompt_ids(tokenizer, str(r[args.prompt_field]), args.system_prompt) for r in rows]
+    if args.max_model_len:
+        too_long = [i for i, p in enumerate(prompts) if len(p) + args.max_tokens > args.max_model_len]
+        if too_long:
+            raise ValueError(f"{args.input}: {len(too_long)} prompt(s) leave no room for --max-tokens "
+                             f"{args.max_tokens} in --max-model-len {args.max_model_len} (first: row "
+                             f"{too_long[0] + 1}, {len(prompts[too_long[0]])} tokens)")
+    return rows, prompts, model_path, progress
+
+
+def run(args: argparse.Namespace, rows: list[dict], prompts: list[list[int]], model_path: Path, progress: dict,
+        log=print) -> int:
+    """Label the chunks `progress` does not record yet, then assemble the outputs; returns the exit code."""
+    from thinkrl.fileio import atomic_write_json, write_jsonl
+
+    out_dir = Path(args.output_dir).expanduser()
+    n_chunks = -(-len(rows) // args.chunk_size)
+    done = progress["completed_chunks"]
+    if done < n_chunks:
+        if done:
+            log(f"[label] resuming: {progress['completed_rows']}/{len(rows)} rows done")
+        labeller = Labeller(args, model_path, max(len(p) for p in prompts))
+        start, stopped = time.time(), False
+        try:
+            for c in range(done, n_chunks):
+                first = c * args.chunk_size
+                chunk, stats = labeller.label(rows[first : first + args.chunk_size],
+                                              prompts[first : first + args.chunk_size], first)
+                write_jsonl(chunk_path(out_dir, c), chunk)  # then the progress: a kill between the two redoes c
+                progress["chunks"] = progress["chunks"][:c] + [stats]
+                progress.update(completed_chunks=c + 1, completed_rows=first + len(chunk))
+                atomic_write_json(out_dir / PROGRESS, progress)
+                rate = (progress["completed_rows"] - done * args.chunk_size) / (time.time() - start)
+                eta = (len(rows) - progress["completed_rows"]) / rate if rate > 0 else float("inf")
+                log(f"[label] chunk {c + 1}/{n_chunks}  rows {progress['completed_rows']}/{len(rows)}  "
+                    f"{rate:.2f} rows/s  ETA {eta:.0f}s")
+                if args.stop_after_chunks is not None and c + 1 - done >= args.stop_after_chunks and c + 1 < n_chunks:
+                    stopped = True
+                    break
+        finally:
+            labeller.close()
+        if stopped:
+            log(f"[label] stopped after {args.stop_after_chunks} chunk(s); run the same command again to resume")
+            return 3
+    summary = assemble(out_dir, args, progress, n_chunks)
+    log(f"[label] {summary['rows']} rows, mean pass rate {summary['mean_pass_rate']:.3f}, labels {summary['labels']}; "
+        f"wrote {summary['rows_written']} rows (filtered {summary['filtered_solved']} solved, "
+        f"{summary['filtered_unsolved']} unsolved)")
+    log(str(out_dir / "labelled.jsonl"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        prepared = prepare(args)
+    except ValueError as e:  # bad rows, model or earlier progress: the message says which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(args, *prepared, log=lambda msg: print(msg, flush=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
