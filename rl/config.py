@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from rewards.config import RewardSpec, RewardSpecs, resolve_specs
 from samplers.config import SamplerConfig
 from thinkrl.config import Strict
 
@@ -72,8 +73,21 @@ class RolloutConfig(Strict):
 
 
 class RewardConfig(Strict):
+    rewards: RewardSpecs = Field(
+        default_factory=lambda: [RewardSpec(name="math")],
+        description="weighted rewards: built-in names (math, length, format, code, repeat), entry points of "
+        "group thinkrl.rewards, or module:attr paths; e.g. [math, {name: length, weight: 0.1, warmup_iterations: 10}]")
     num_workers: int = Field(2, ge=1, description="reward worker processes")
-    timeout_s: float = Field(10.0, gt=0, description="hard limit per verification")
+    timeout_s: float = Field(10.0, gt=0, description="hard limit per reward call")
+    max_consecutive_failures: int = Field(
+        64, ge=1, description="a reward failing on this many samples in a row stops the run")
+
+    @field_validator("rewards")
+    @classmethod
+    def _resolvable(cls, specs):
+        # imports user modules and entry points now, so a typo fails before any actor starts
+        resolve_specs(specs, where="reward.rewards")
+        return specs
 
 
 class RLConfig(Strict):

@@ -2,7 +2,7 @@
 
 The driver owns the data, the sampler, the loop and the logs; the heavy work runs in Ray actors:
 DeepSpeed trainer ranks (`rl.trainer.PMDWorker`), vLLM engines (`rollout.engine.RolloutEngine`) and
-reward worker processes (`rewards.pool.RewardPool`). One iteration reads top to bottom in `rl_loop`:
+the reward set's worker processes (`rewards.combine.RewardSet`). One iteration reads top to bottom in `rl_loop`:
 
     sample prompts -> roll out k responses each -> score -> PMD update -> sync weights -> probe -> log
 
@@ -99,24 +99,35 @@ def _check_sampler(recipe: Recipe, train: list[dict]) -> None:
 # ---- evaluation ------------------------------------------------------------------------------------
 
 
-def evaluate(engines, pool, prompts_ids: list[list[int]], answers: list[str], recipe: Recipe, seed: int) -> dict:
-    """Held-out accuracy (mean correctness over `eval.samples_per_prompt` samples) and mean length."""
-    from rewards.math import math_reward
+def evaluate(engines, reward_set, prompts_ids: list[list[int]], rows: list[dict], recipe: Recipe, seed: int) -> dict:
+    """Held-out accuracy (the reward set's correctness verdict, averaged over `eval.samples_per_prompt`
+    samples per prompt) and mean response length."""
     from rollout.engine import RolloutSettings
 
     ev = recipe.eval
     settings = RolloutSettings(n=ev.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
                                max_tokens=ev.max_tokens, seed=seed)
     groups = generate(engines, prompts_ids, settings)
-    flat = [(c.text, answers[i]) for i, g in enumerate(groups) for c in g]
-    results = pool.map(math_reward, flat)
+    scored = reward_set.score_groups(reward_inputs(rows, groups), iteration=recipe.rl.iterations)
+    verdicts = [s.correct for g in scored for s in g]
     lengths = [len(c.token_ids) for g in groups for c in g]
     return {
-        "accuracy": sum(r.score for r in results) / len(results),
+        "accuracy": sum(verdicts) / len(verdicts),
         "mean_response_tokens": sum(lengths) / len(lengths),
         "n_prompts": len(prompts_ids),
         "samples_per_prompt": ev.samples_per_prompt,
     }
+
+
+def reward_inputs(rows: list[dict], groups: list[list]) -> list[list]:
+    """What the rewards see of each completion: its row's prompt, answer and other fields, the text, the length."""
+    from rewards.types import RewardInput
+
+    out = []
+    for row, group in zip(rows, groups, strict=True):
+        metadata = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+        out.append([RewardInput(row["prompt"], c.text, row["answer"], len(c.token_ids), metadata) for c in group])
+    return out
 
 
 def generate(engines, prompts_ids: list[list[int]], settings) -> list[list]:
@@ -191,13 +202,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 @dataclass
 class Loop:
-    """What every iteration uses: the actors, the reward pool, the sampler and the fixed inputs."""
+    """What every iteration uses: the actors, the reward set, the sampler and the fixed inputs."""
 
     recipe: Recipe
     run: Run
     trainers: list
     engines: list
-    pool: object
+    rewards: object
     sampler: object
     train_prompts: list[list[int]]
     settings: object
@@ -263,7 +274,6 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, state: dict, 
 def run_iteration(loop: Loop, iteration: int) -> dict:
     """One PMD iteration: sample, roll out, score, update, sync, probe. Returns the metrics record."""
 
-    from rewards.math import math_reward
     from rl.trainer import Sample
     from rollout.engine import RolloutSettings
 
@@ -278,9 +288,10 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
     times["time/rollout"] = time.time() - t
 
     t = time.time()
-    scored = loop.pool.map(math_reward, [(c.text, rows[i]["answer"]) for i, g in zip(batch, groups, strict=True) for c in g])
-    rewards = [[scored[j * rl.samples_per_prompt + s].score for s in range(len(g))] for j, g in enumerate(groups)]
-    loop.sampler.observe(batch, rewards)
+    scored = loop.rewards.score_groups(reward_inputs([rows[i] for i in batch], groups), iteration)
+    rewards = [[s.total for s in g] for g in scored]
+    correct = [[float(s.correct) for s in g] for g in scored]
+    loop.sampler.observe(batch, correct)  # the samplers track success rates: correctness, not the total
     times["time/reward"] = time.time() - t
 
     t = time.time()
@@ -303,15 +314,13 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
     flat_rewards = [r for g in rewards for r in g]
     lengths = [len(c.token_ids) for g in groups for c in g]
     stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in stats_per_rank[0]} if stats_per_rank else {}
-    reasons = [r.reason for r in scored]
     return {
         "train/reward_mean": sum(flat_rewards) / len(flat_rewards),
-        "train/accuracy": sum(r > 0 for r in flat_rewards) / len(flat_rewards),
+        "train/accuracy": sum(c for g in correct for c in g) / len(flat_rewards),
         "train/response_tokens_mean": sum(lengths) / len(lengths),
         "train/response_tokens_max": max(lengths),
         "train/truncated_share": sum(c.finish_reason == "length" for g in groups for c in g) / len(lengths),
-        "reward/no_answer_share": reasons.count("no answer") / len(reasons),
-        "reward/failures": sum(r.startswith(("error", "timeout")) for r in reasons),
+        **loop.rewards.metrics(),
         **{f"losses/{k}": v for k, v in stats.items() if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer")},
         "optim/lr": stats.get("lr", rl.lr),
         "optim/grad_norm": stats.get("grad_norm", float("nan")),
@@ -350,7 +359,7 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
 
     import ray
 
-    from rewards.pool import RewardPool
+    from rewards.combine import RewardSet
     from rl.trainer import PMDSettings
     from samplers import build_sampler
     from thinkrl.chat import prompt_ids
@@ -368,7 +377,6 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
 
     tok, system = run.tokenizer, recipe.data.system_prompt
     heldout_prompts = [prompt_ids(tok, r["prompt"], system) for r in run.heldout_rows]
-    heldout_answers = [r["answer"] for r in run.heldout_rows]
     probe_ids = heldout_prompts[0] + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
     sync_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
     sampler = build_sampler(recipe.sampler, run.train_rows, recipe.run.seed)
@@ -378,15 +386,16 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
     metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None)
     truncate_jsonl(run.dir / "samples.jsonl", "iteration", start_iter if resume else None)
 
-    with RewardPool(recipe.reward.num_workers, recipe.reward.timeout_s) as pool:
-        loop = Loop(recipe, run, trainers, engines, pool, sampler,
+    rc = recipe.reward
+    with RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures) as reward_set:
+        loop = Loop(recipe, run, trainers, engines, reward_set, sampler,
                     [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
                     PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
                                 log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer),
                     probe_ids, len(heldout_prompts[0]), sync_dir / f"thinkrl-{os.getpid()}-weights.safetensors")
         if "eval_before" not in state:
             t0 = time.time()
-            state["eval_before"] = evaluate(engines, pool, heldout_prompts, heldout_answers, recipe, seed=10**6)
+            state["eval_before"] = evaluate(engines, reward_set, heldout_prompts, run.heldout_rows, recipe, seed=10**6)
             state["eval_before"]["wall_seconds"] = time.time() - t0
             log(f"[eval] before RL: accuracy {state['eval_before']['accuracy']:.3f}  "
                 f"mean length {state['eval_before']['mean_response_tokens']:.1f} tokens")
@@ -405,7 +414,7 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
                 save_checkpoint(run.dir, trainers, iteration, state)
         wall["rl"] = rl_wall + time.time() - rl_start
         t0 = time.time()
-        state["eval_after"] = evaluate(engines, pool, heldout_prompts, heldout_answers, recipe, seed=10**6)
+        state["eval_after"] = evaluate(engines, reward_set, heldout_prompts, run.heldout_rows, recipe, seed=10**6)
         state["eval_after"]["wall_seconds"] = time.time() - t0
     loop.sync_file.unlink(missing_ok=True)
     metrics.log(rl.iterations, {"eval/accuracy": state["eval_after"]["accuracy"],
@@ -473,8 +482,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_ray()
     start = time.time()
-    report = rl_loop(recipe, run, log=lambda msg: print(msg, flush=True))
     import ray
+
+    from rewards.types import RewardPluginError
+
+    try:
+        report = rl_loop(recipe, run, log=lambda msg: print(msg, flush=True))
+    except RewardPluginError as e:
+        ray.shutdown()
+        print(f"error: {e} (the last checkpoint is intact; fix the reward and submit again to resume)",
+              file=sys.stderr)
+        return 3
 
     # disconnect first: log lines of the killed actors (vLLM's shutdown warnings) are forwarded
     # asynchronously and must not land after the run directory, which is the output's last line

