@@ -77,8 +77,8 @@ def test_metrics_have_the_loop_and_the_sync_check(finished_run):
         assert r["sync/logprob_gap_rollout_vs_trainer"] < 0.05
         for key in ("losses/loss", "losses/kl_to_prev_est", "time/rollout", "time/update", "time/weight_sync",
                     "train/response_tokens_mean", "optim/grad_norm", "reward/math", "reward/failures",
-                    # the plugins' sub-scores, each under its own name
-                    "reward/keyword/mentions", "reward/keyword/answer_chars", "reward/user_rewards:concise/answer_chars",
+                    # the plugins' sub-scores, each under its own name (a module:attr reward is named by attr)
+                    "reward/keyword/mentions", "reward/keyword/answer_chars", "reward/concise/answer_chars",
                     "sampler/curriculum/level"):
             assert key in r, key
         assert r["reward/failures"] == 0
