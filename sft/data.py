@@ -1,13 +1,21 @@
-"""SFT examples: ChatML conversations tokenized with an assistant-only loss mask, and their batches.
+"""SFT examples: loading conversation files, tokenizing them with an assistant-only loss mask, batching.
 
-Rows are `{"messages": [{"role": ..., "content": ...}, ...]}` (the dataset builder's output format).
-Bad rows (no assistant turn, empty content, over-long) are rejected with the file and line named.
+Rows are `{"messages": [{"role": ..., "content": ...}, ...]}`: the dataset builder's output format (which
+adds fields such as `answer` and `patterns`, ignored here) or any plain messages file. Files are JSONL,
+Parquet, or a folder written by `datasets.Dataset.save_to_disk` (a `DatasetDict` uses its `train`
+split). JSONL and Parquet are read directly (row numbers in errors are the file's own); folders go
+through `datasets`.
+
+Bad rows (no assistant turn, empty content, over-long) are never dropped silently: with
+`bad_rows="reject"` the first one raises DataError naming the source, the 1-based row and the field;
+with `bad_rows="skip"` each is recorded (row and reason) in `SFTExamples.skipped` and counted.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from thinkrl.chat import EncodedConversation, encode_conversation
 from thinkrl.fileio import DataError
@@ -15,28 +23,99 @@ from thinkrl.fileio import DataError
 
 @dataclass
 class SFTExamples:
+    """Encoded examples of one source, and the rows skipped (1-based row, reason)."""
+
     examples: list[EncodedConversation]
     source: str
+    skipped: list[tuple[int, str]] = field(default_factory=list)
 
 
-def encode_rows(tokenizer, rows: list[dict], source: str, max_seq_len: int) -> SFTExamples:
-    """Tokenize conversation rows; raises DataError naming `source`, the 1-based row and the field."""
-    examples = []
-    for lineno, row in enumerate(rows, start=1):
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{source}:{lineno}: missing or empty field 'messages'")
-        for turn, m in enumerate(messages):
-            if not isinstance(m, dict) or not str(m.get("content", "")).strip() or "role" not in m:
-                raise DataError(f"{source}:{lineno}: messages[{turn}] needs a 'role' and non-empty 'content'")
+def load_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL / Parquet file or a `datasets` folder. Raises DataError naming the path."""
+    from thinkrl.fileio import read_jsonl
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        import datasets
+
         try:
-            encoded = encode_conversation(tokenizer, messages)
-        except ValueError as e:
-            raise DataError(f"{source}:{lineno}: {e}") from None
-        if len(encoded.input_ids) > max_seq_len:
-            raise DataError(f"{source}:{lineno}: {len(encoded.input_ids)} tokens, over max_seq_len={max_seq_len}")
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{path}: not a `datasets` folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
+            ds = ds["train"]
+        rows = ds.to_list()
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if not path.is_file():
+            raise DataError(f"{path}: dataset file not found")
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = read_jsonl(path)
+    if not rows:
+        raise DataError(f"{path}: dataset has no rows")
+    return rows
+
+
+def _row_problem(row: dict, messages_field: str) -> str | None:
+    messages = row.get(messages_field) if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return f"missing or empty field {messages_field!r}"
+    for turn, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or not str(m.get("content") or "").strip():
+            return f"{messages_field}[{turn}] needs a 'role' and non-empty 'content'"
+    if not any(m["role"] == "assistant" for m in messages):
+        return f"{messages_field}: no assistant turn"
+    return None
+
+
+def encode_rows(tokenizer, rows: list[dict], source: str, max_seq_len: int, *,
+                bad_rows: str = "reject", messages_field: str = "messages") -> SFTExamples:
+    """Tokenize conversation rows with assistant-only loss masks.
+
+    `bad_rows="reject"` raises DataError naming `source`, the 1-based row and the field on the first bad
+    row; `"skip"` leaves bad rows out and lists them in `skipped`.
+    """
+    if bad_rows not in ("reject", "skip"):
+        raise ValueError(f"bad_rows must be 'reject' or 'skip', got {bad_rows!r}")
+    examples, skipped = [], []
+    for lineno, row in enumerate(rows, start=1):
+        problem = _row_problem(row, messages_field)
+        encoded = None
+        if problem is None:
+            messages = [{"role": m["role"], "content": m["content"]} for m in row[messages_field]]
+            try:
+                encoded = encode_conversation(tokenizer, messages)
+            except ValueError as e:
+                problem = str(e)
+        if encoded is not None and len(encoded.input_ids) > max_seq_len:
+            problem = f"{len(encoded.input_ids)} tokens, over max_seq_len={max_seq_len}"
+        if problem is not None:
+            if bad_rows == "reject":
+                raise DataError(f"{source}:{lineno}: {problem}")
+            skipped.append((lineno, problem))
+            continue
         examples.append(encoded)
-    return SFTExamples(examples, source)
+    if not examples:
+        raise DataError(f"{source}: no usable rows ({len(skipped)} skipped, first: {skipped[:1]})")
+    return SFTExamples(examples, source, skipped)
+
+
+def split_heldout(examples: list[EncodedConversation], fraction: float, seed: int,
+                  cap: int | None = None) -> tuple[list[EncodedConversation], list[EncodedConversation]]:
+    """(train, heldout): a seeded `fraction` of the examples (at least 1 if fraction > 0), capped."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    if cap is not None:
+        n = min(n, cap)
+    held = set(order[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n]]
 
 
 def batch_stream(examples: list[EncodedConversation], batch_size: int, seed: int, start_step: int = 0):

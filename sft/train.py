@@ -1,60 +1,222 @@
 """Long-CoT SFT warmup: `python -m sft.train recipe.yaml [key=value ...]` (or as the first stage of rl.train).
 
-Reads ChatML conversations, trains the full model through DeepSpeed on assistant tokens only, and writes
-a Hugging Face checkpoint atomically to `<output_dir>/checkpoints/sft`. The warmup is short on the tiny
-recipe, so a killed warmup restarts from its beginning; a finished one is never redone.
+Reads ChatML conversations, trains the full model through DeepSpeed (ZeRO stage from the recipe) on
+assistant tokens only, and writes a Hugging Face checkpoint atomically to `<output_dir>/checkpoints/sft`.
+
+The loop, top to bottom: for each step take the next `batch_size` examples of a seeded stream, pack
+them (or pad them) on every rank, accumulate gradients over micro-batches, clip, step the schedule;
+every `eval_every` steps compute the held-out loss; every `save_every` steps write a resumable DeepSpeed
+checkpoint to `<out_dir>-state/step_N` (atomically; the previous one is removed after). A killed warmup
+restarts from its last checkpoint and continues the same example stream by step number; a finished
+one (the HF folder exists) is never redone. An optional second stage re-warms the learning rate and
+trains at a longer context (the k1.5 recipe's 32K -> 128K), with its own packing budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from rl.config import Recipe, SFTConfig
-from thinkrl.fileio import atomic_directory
+from sft.config import SFTConfig
+from thinkrl.fileio import atomic_directory, atomic_write_json
 
 
-def run_sft(sft: SFTConfig, examples, model_path: str, out_dir: Path, seed: int,
-            num_trainers: int = 1, zero_stage: int = 1, gpus_per_trainer: float = 0.0,
-            log=print) -> dict[str, float]:
-    """Train on `examples` (EncodedConversation list) and save the result to `out_dir`. Returns stats."""
+def _as_sft_config(sft) -> SFTConfig:
+    """Accept rl.config's older SFTConfig (a subset of the fields) until the recipe uses this one."""
+    return sft if isinstance(sft, SFTConfig) else SFTConfig.model_validate(sft.model_dump())
+
+
+def optim_config(sft: SFTConfig):
+    """The TrainEngine optimizer/schedule of a warmup (both stages)."""
+    from thinkrl.train_engine import OptimConfig
+
+    s2 = sft.second_stage
+    return OptimConfig(lr=sft.lr, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
+                       warmup_steps=sft.warmup_steps, total_steps=sft.steps, min_lr_ratio=sft.min_lr_ratio,
+                       decay=sft.schedule,
+                       stages=((s2.steps, s2.lr, s2.min_lr, s2.warmup_steps),) if s2 else ())
+
+
+def _latest_state(state_root: Path) -> tuple[int, Path] | None:
+    pointer = state_root / "latest.json"
+    if not pointer.exists():
+        return None
+    info = json.loads(pointer.read_text())
+    path = state_root / info["path"]
+    return (int(info["step"]), path) if path.is_dir() else None
+
+
+def _save_state(workers, state_root: Path, step: int) -> None:
     import ray
 
-    from sft.data import batch_stream
+    previous = _latest_state(state_root)
+    final = state_root / f"step_{step:07d}"
+    with atomic_directory(final) as tmp:
+        ray.get([w.save_state.remote(str(tmp)) for w in workers])
+    atomic_write_json(state_root / "latest.json", {"step": step, "path": final.name})
+    if previous and previous[1] != final:
+        shutil.rmtree(previous[1], ignore_errors=True)
+
+
+def _heldout_loss(workers, heldout, per_rank: int, budget: int | None) -> float:
+    import ray
+
+    nll, tokens = 0.0, 0
+    for start in range(0, len(heldout), per_rank * len(workers)):
+        chunk = heldout[start : start + per_rank * len(workers)]
+        parts = [chunk[r * per_rank : (r + 1) * per_rank] for r in range(len(workers))]
+        # every rank runs a forward (ZeRO-3 gathers parameters collectively); a rank past the end of the
+        # held-out set repeats the first example and its numbers are dropped
+        results = ray.get([w.eval_sums.remote(p or chunk[:1], budget) for w, p in zip(workers, parts, strict=True)])
+        for part, (s, n) in zip(parts, results, strict=True):
+            if part:
+                nll, tokens = nll + s, tokens + n
+    return nll / max(1, tokens)
+
+
+def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
+            num_trainers: int = 1, zero_stage: int = 1, gpus_per_trainer: float = 0.0,
+            log=print, *, heldout: list | None = None, metrics_file: Path | None = None) -> dict[str, float]:
+    """Train on `examples` (EncodedConversation list) and save the result to `out_dir`. Returns stats.
+
+    `heldout`: examples for the periodic eval loss (default: a seeded `sft.eval_fraction` of `examples`).
+    Resumes from `<out_dir>-state` if a previous run of the same warmup left a checkpoint there.
+    `metrics_file`: JSONL of per-log-step records (appended). Returns final loss, eval loss, tokens/s,
+    the non-padding share of the batches, and the step it resumed from.
+    """
+    import ray
+
+    from sft.data import batch_stream, split_heldout
     from sft.worker import SFTWorker
     from thinkrl.cluster import trainer_group
-    from thinkrl.train_engine import DistConfig, OptimConfig
+    from thinkrl.train_engine import DistConfig
 
-    optim = OptimConfig(lr=sft.lr, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
-                        warmup_steps=sft.warmup_steps, total_steps=sft.steps, min_lr_ratio=sft.min_lr_ratio)
+    sft = _as_sft_config(sft)
+    out_dir = Path(out_dir)
+    if heldout is None:
+        examples, heldout = split_heldout(examples, sft.eval_fraction, seed, cap=sft.eval_max_examples)
+    heldout = heldout[: sft.eval_max_examples]
+    stage_specs = [(sft.steps, sft.max_seq_len)]
+    if sft.second_stage:
+        stage_specs.append((sft.second_stage.steps, sft.second_stage.max_seq_len))
+    stage_examples = [[e for e in examples if len(e.input_ids) <= max_len] for _, max_len in stage_specs]
+    for (_, max_len), chosen in zip(stage_specs, stage_examples, strict=True):
+        if not chosen:
+            raise ValueError(f"no SFT example fits max_seq_len={max_len}")
+
+    zero = sft.zero_stage if sft.zero_stage is not None else zero_stage
+    optim = optim_config(sft)
     workers = trainer_group(
         SFTWorker, num_trainers,
-        lambda rank, addr, port: (model_path, optim, DistConfig(rank, num_trainers, addr, port, zero_stage), seed),
+        lambda rank, addr, port: (model_path, optim,
+                                  DistConfig(rank, num_trainers, addr, port, zero, sft.micro_batches), seed),
         gpus_per_rank=gpus_per_trainer,
     )
-    per_rank = max(1, sft.batch_size // num_trainers)
-    stream = batch_stream(examples, per_rank * num_trainers, seed)
+    state_root = out_dir.with_name(out_dir.name + "-state")
+    start_step = 0
+    if latest := _latest_state(state_root):
+        start_step, path = latest
+        ray.get([w.load_state.remote(str(path)) for w in workers])
+        log(f"[sft] resumed from {path} (step {start_step})")
+
+    per_rank = max(sft.micro_batches, sft.batch_size // num_trainers)
+    total_steps = sft.total_steps
     start = time.time()
-    tokens = 0
+    loss_tokens = input_tokens = slots = 0
     losses: list[float] = []
-    for step in range(1, sft.steps + 1):
-        batch = next(stream)
-        results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank])
-                           for r, w in enumerate(workers)])
-        losses.append(sum(r["loss"] for r in results) / len(results))
-        tokens += sum(r["tokens"] for r in results)
-        if step % sft.log_every == 0 or step == sft.steps:
-            elapsed = time.time() - start
-            recent = losses[-sft.log_every:]
-            log(f"[sft] step {step}/{sft.steps}  loss {sum(recent) / len(recent):.4f}  "
-                f"lr {results[0]['lr']:.2e}  {tokens / elapsed:,.0f} tok/s  {elapsed:.0f}s")
+    eval_loss = float("nan")
+    step = start_step
+    offset = 0
+    for stage, ((stage_steps, max_len), chosen) in enumerate(zip(stage_specs, stage_examples, strict=True)):
+        budget = max_len if sft.packing else None
+        first = max(0, step - offset)
+        stream = batch_stream(chosen, per_rank * num_trainers, seed + stage, start_step=first)
+        for _ in range(first, stage_steps):
+            batch = next(stream)
+            step += 1
+            results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank], budget)
+                               for r, w in enumerate(workers)])
+            losses.append(sum(r["loss"] for r in results) / len(results))
+            loss_tokens += sum(r["tokens"] for r in results)
+            input_tokens += sum(r["input_tokens"] for r in results)
+            slots += sum(r["slots"] for r in results)
+            evaluate = bool(heldout) and (step % sft.eval_every == 0 or step == total_steps)
+            if evaluate:
+                eval_loss = _heldout_loss(workers, heldout, per_rank, budget)
+            if step % sft.log_every == 0 or step == total_steps or evaluate:
+                elapsed = time.time() - start
+                recent = losses[-sft.log_every:]
+                record = {"step": step, "stage": stage + 1, "loss": sum(recent) / len(recent),
+                          "lr": results[0]["lr"], "tokens_per_s": input_tokens / elapsed,
+                          "non_padding_share": input_tokens / max(1, slots)}
+                if evaluate:
+                    record["eval_loss"] = eval_loss
+                if metrics_file:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                log(f"[sft] step {step}/{total_steps}  loss {record['loss']:.4f}"
+                    + (f"  eval {eval_loss:.4f}" if evaluate else "")
+                    + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+                    f"  fill {record['non_padding_share']:.3f}  {elapsed:.0f}s")
+            if step % sft.save_every == 0 and step < total_steps:
+                _save_state(workers, state_root, step)
+        offset += stage_steps
     with atomic_directory(out_dir) as tmp:
         ray.get([w.save_hf.remote(str(tmp)) for w in workers])
     for w in workers:
         ray.kill(w)
-    return {"sft_final_loss": losses[-1], "sft_tokens_per_s": tokens / (time.time() - start)}
+    shutil.rmtree(state_root, ignore_errors=True)  # the finished warmup is never redone
+    elapsed = max(1e-9, time.time() - start)
+    return {"sft_final_loss": losses[-1] if losses else float("nan"), "sft_eval_loss": eval_loss,
+            "sft_tokens_per_s": input_tokens / elapsed, "sft_loss_tokens_per_s": loss_tokens / elapsed,
+            "sft_non_padding_share": input_tokens / max(1, slots), "sft_resumed_from_step": start_step}
+
+
+def load_sft_examples(sft, tokenizer, log=print) -> tuple[list, list | None]:
+    """(train, heldout or None) examples of `sft.data_file` / `sft.eval_file`, under the bad-row policy.
+
+    Skipped rows are logged by row with their reason (the first 20) and counted. Examples are encoded
+    up to the longest stage's `max_seq_len`; `run_sft` gives each stage the ones that fit it.
+    """
+    from sft.data import encode_rows, load_rows
+
+    sft = _as_sft_config(sft)
+    longest = max(sft.max_seq_len, sft.second_stage.max_seq_len if sft.second_stage else 0)
+    out = []
+    for path in (sft.data_file, sft.eval_file):
+        if path is None:
+            out.append(None)
+            continue
+        encoded = encode_rows(tokenizer, load_rows(path), str(path), longest, bad_rows=sft.bad_rows,
+                              messages_field=sft.messages_field)
+        if encoded.skipped:
+            log(f"[sft] {path}: skipped {len(encoded.skipped)} bad rows (bad_rows=skip)")
+            for row, reason in encoded.skipped[:20]:
+                log(f"[sft]   row {row}: {reason}")
+        out.append(encoded.examples)
+    return out[0], out[1]
+
+
+def build_arithmetic_sft_data(prompt_rows: list[dict], out_dir: Path, seed: int, slip_rate: float,
+                              fix_rate: float, samples_per_row: int = 1, verify: bool = False,
+                              log=print) -> Path:
+    """The tiny recipe's warmup data through the dataset builder with the arithmetic teacher.
+
+    `prompt_rows` are `arithmetic.make_rows` rows. `verify=False` keeps every trace (reward 'none'): the
+    teacher's slips are part of the recipe. Returns the `data.jsonl` path (`sft.data_file`); resumable
+    and idempotent like every build.
+    """
+    from sft.build_cot import ArithmeticTeacher, Question, build_dataset
+
+    questions = [Question(r["id"], r["prompt"], r["answer"], []) for r in prompt_rows]
+    build_dataset(questions, out_dir, ArithmeticTeacher(slip_rate, fix_rate), k=samples_per_row, keep="all",
+                  reward="math" if verify else "none", seed=seed, chunk_size=1000, reward_workers=1,
+                  progress=False, log=log)
+    return Path(out_dir) / "data.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,17 +225,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.steps=100")
     args = parser.parse_args(argv)
 
+    from rl.config import Recipe
     from rl.train import prepare_run
     from thinkrl.cluster import init_ray
     from thinkrl.config import load_recipe
 
     recipe = load_recipe(Recipe, args.recipe, args.overrides)
     run = prepare_run(recipe)
-    init_ray()
     out = run.dir / "checkpoints" / "sft"
+    if (out / "config.json").exists():
+        print(f"{out}: the warmup finished before; nothing to do")
+        return
+    init_ray()
     stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), out, recipe.run.seed,
-                    recipe.rl.num_trainers, recipe.rl.zero_stage, recipe.rl.gpus_per_trainer)
-    print(stats)
+                    recipe.rl.num_trainers, recipe.rl.zero_stage, recipe.rl.gpus_per_trainer,
+                    heldout=run.sft_heldout, metrics_file=run.dir / "sft_metrics.jsonl")
+    print(json.dumps(stats))
     print(out)
 
 

@@ -1,11 +1,19 @@
-"""The SFT trainer rank: next-token cross-entropy on assistant tokens, through the shared TrainEngine."""
+"""The SFT trainer rank: next-token cross-entropy on assistant tokens, through the shared TrainEngine.
+
+A step's examples are split into `micro_batches_per_step` groups (gradient accumulation); each group is
+packed into rows (or padded one per row) and goes through one forward/backward. The loss is the mean
+over the step's assistant tokens on this rank, whatever the split: each micro-batch's summed NLL is
+divided by the step's token count, and multiplied back by the accumulation count that DeepSpeed divides
+by. Packed and unpacked steps therefore compute the same loss and gradient.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from sft.packing import Batch, packed_batch, padded_batch
 from thinkrl.chat import EncodedConversation
-from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine, pad_batch
+from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine
 
 
 class SFTWorker:
@@ -14,23 +22,58 @@ class SFTWorker:
     def __init__(self, model_path: str, optim: OptimConfig, dist: DistConfig, seed: int) -> None:
         self.engine = TrainEngine(model_path, optim, dist, seed=seed)
         self.pad_id = self.engine.tokenizer.pad_token_id
+        self.micro_batches = dist.micro_batches_per_step
 
-    def _loss(self, batch: list[EncodedConversation]) -> tuple[torch.Tensor, int]:
-        ids, attn, target = pad_batch([e.input_ids for e in batch], [e.loss_mask for e in batch], self.pad_id)
-        token_logp_B_T = self.engine.token_logprobs(ids, attn, target)
-        n_tokens = int(target[:, 1:].sum())
-        return -token_logp_B_T.sum() / max(1, n_tokens), n_tokens
+    def _layout(self, examples: list[EncodedConversation], pack_budget: int | None) -> Batch:
+        return packed_batch(examples, pack_budget, self.pad_id) if pack_budget else padded_batch(examples, self.pad_id)
 
-    def train_step(self, batch: list[EncodedConversation]) -> dict[str, float]:
-        """One optimizer step on a batch (mean loss over its assistant tokens)."""
-        loss, n_tokens = self._loss(batch)
-        self.engine.backward(loss)
+    def _nll_sum(self, batch: Batch) -> torch.Tensor:
+        logp_B_T = self.engine.token_logprobs(batch.input_ids_B_T, batch.attention_mask_B_T,
+                                              batch.target_mask_B_T, batch.position_ids_B_T)
+        return -logp_B_T.sum()
+
+    @staticmethod
+    def _loss_tokens(examples: list[EncodedConversation]) -> int:
+        return sum(sum(e.loss_mask[1:]) for e in examples)
+
+    def train_step(self, batch: list[EncodedConversation], pack_budget: int | None = None) -> dict[str, float]:
+        """One optimizer step on `batch` (mean loss over its assistant tokens).
+
+        `pack_budget`: pack examples into rows of at most this many tokens; None: one example per row.
+        Returns loss, tokens (assistant tokens), input_tokens, slots (row x width, padding included), lr.
+        """
+        n_micro = self.micro_batches
+        if len(batch) < n_micro:
+            raise ValueError(f"a step of {len(batch)} examples cannot fill {n_micro} micro-batches")
+        n_tokens = max(1, self._loss_tokens(batch))
+        bounds = [len(batch) * k // n_micro for k in range(n_micro + 1)]
+        total, input_tokens, slots = 0.0, 0, 0
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            micro = self._layout(batch[lo:hi], pack_budget)
+            nll = self._nll_sum(micro)
+            self.engine.backward(nll * (n_micro / n_tokens))  # DeepSpeed divides by n_micro
+            total += nll.item()
+            input_tokens += micro.real_tokens
+            slots += micro.slots
         stats = self.engine.step()
-        return {"loss": loss.item(), "tokens": n_tokens, **stats}
+        return {"loss": total / n_tokens, "tokens": n_tokens, "input_tokens": input_tokens, "slots": slots, **stats}
+
+    def eval_sums(self, batch: list[EncodedConversation], pack_budget: int | None = None) -> tuple[float, int]:
+        """(summed NLL, assistant tokens) of `batch`, without gradients."""
+        with torch.no_grad():
+            return self._nll_sum(self._layout(batch, pack_budget)).item(), self._loss_tokens(batch)
 
     def eval_loss(self, batch: list[EncodedConversation]) -> float:
-        with torch.no_grad():
-            return self._loss(batch)[0].item()
+        """Mean NLL over the assistant tokens of `batch`."""
+        nll, n = self.eval_sums(batch)
+        return nll / max(1, n)
 
     def save_hf(self, out_dir: str) -> None:
         self.engine.save_hf(out_dir)
+
+    def save_state(self, out_dir: str) -> None:
+        """Weights, optimizer and scheduler of this rank (DeepSpeed checkpoint) into `out_dir`."""
+        self.engine.save_state(out_dir)
+
+    def load_state(self, in_dir: str) -> None:
+        self.engine.load_state(in_dir)

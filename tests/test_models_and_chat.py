@@ -70,3 +70,23 @@ def test_unknown_model_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="nope"):
         resolve_model(str(tmp_path / "nope"), tmp_path)
+
+
+def test_weight_sync_exports_checkpoint_names_for_moe(tmp_path):
+    """The trainer's in-memory MoE layout (fused experts) goes back to the checkpoint's per-expert names,
+    which vLLM's loader expects (it rejects `mlp.experts.down_proj`)."""
+    from safetensors import safe_open
+
+    from thinkrl.models import ensure_tiny_model, load_causal_lm
+    from thinkrl.train_engine import checkpoint_format
+
+    path = ensure_tiny_model("tiny-moe", tmp_path)
+    model = load_causal_lm(path)
+    saved = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            saved |= set(h.keys())
+    assert set(model.state_dict()) != saved  # transformers fuses the experts in memory
+    exported = checkpoint_format(model, dict(model.state_dict()))
+    assert set(exported) == saved
+    assert any(".mlp.experts.0.down_proj.weight" in name for name in exported)

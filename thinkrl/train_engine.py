@@ -7,6 +7,12 @@ and atomic Hugging Face / resumable checkpoints. It holds no algorithm: SFT and 
 
 Log-probs are computed from the decoder's hidden states with the output projection applied to chunks
 of the selected positions, so logits are never materialised as [T, V] for a whole batch at once.
+
+Packed input (several examples per row, as the SFT warmup builds it) is given by `position_ids` that
+restart at 0 for each example. Attention must not cross examples: with a varlen backend
+(flash-attention) the position ids alone tell it where examples start; with every other backend (SDPA,
+eager: what CPUs have) a block-diagonal causal boolean mask [B, 1, T, T] is built from them. The mask
+costs B*T*T bytes, fine up to a few thousand tokens per row; long-context GPU runs want flash-attention.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 0  # 0: constant after warmup
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr (the paper decays 2e-5 -> 2e-6)
+    decay: str = "cosine"  # "cosine" | "linear" | "constant" after warmup
+    # Further stages after `total_steps`, each re-warming: (steps, peak_lr, min_lr, warmup_steps).
+    # k1.5's long-CoT SFT: 2e-5 -> 2e-6 at 32K, then re-warm to 1e-5 -> 1e-6 at 128K.
+    stages: tuple[tuple[int, float, float, int], ...] = ()
 
 
 @dataclass
@@ -45,15 +55,34 @@ class DistConfig:
 
 
 def lr_lambda(optim: OptimConfig):
-    """Linear warmup, then cosine decay to `min_lr_ratio` over `total_steps` (constant if 0)."""
+    """Multiplier of `optim.lr` at each step (what `LambdaLR` wants).
+
+    Stage 1: linear warmup, then `decay` down to `min_lr_ratio * lr` over `total_steps` (constant if 0).
+    Each entry of `stages` then starts at its step offset, re-warms linearly to its peak and decays
+    (same shape) to its floor.
+    """
+    if optim.decay not in ("cosine", "linear", "constant"):
+        raise ValueError(f"OptimConfig.decay must be cosine, linear or constant, got {optim.decay!r}")
+
+    def shape(step: int, warmup: int, total: int, peak: float, floor: float) -> float:
+        if warmup and step < warmup:
+            return peak * (step + 1) / warmup
+        if not total or optim.decay == "constant":
+            return peak
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if optim.decay == "linear":
+            return floor + (peak - floor) * (1 - progress)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def factor(step: int) -> float:
-        if optim.warmup_steps and step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if not optim.total_steps:
-            return 1.0
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.total_steps - optim.warmup_steps))
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if not optim.stages or not optim.total_steps or step < optim.total_steps:
+            return shape(step, optim.warmup_steps, optim.total_steps, 1.0, optim.min_lr_ratio)
+        offset = optim.total_steps
+        for i, (steps, peak_lr, min_lr, warmup) in enumerate(optim.stages):
+            if step < offset + steps or i == len(optim.stages) - 1:  # the last stage holds its floor
+                return shape(step - offset, warmup, steps, peak_lr / optim.lr, min_lr / optim.lr)
+            offset += steps
+        raise AssertionError("unreachable")
 
     return factor
 
@@ -105,32 +134,10 @@ class TrainEngine:
     # ---- forward ---------------------------------------------------------------------------------
 
     def token_logprobs(self, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor,
-                       target_mask_B_T: torch.Tensor) -> torch.Tensor:
-        """log p(token_t | tokens_<t) for every position where `target_mask` is 1 (else 0), [B, T].
-
-        Position 0 never has a log-prob. Gradients flow when called outside `torch.no_grad()`.
-        """
-        module = self.engine.module
-        decoder = module.get_decoder() if hasattr(module, "get_decoder") else module.model
-        input_ids_B_T = input_ids_B_T.to(self.device)
-        attention_mask_B_T = attention_mask_B_T.to(self.device)
-        target_mask_B_T = target_mask_B_T.to(self.device).bool()
-        hidden_B_T_H = decoder(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).last_hidden_state
-        # hidden at t-1 predicts token t
-        select_B_T = target_mask_B_T.clone()
-        select_B_T[:, 0] = False
-        rows, cols = select_B_T.nonzero(as_tuple=True)
-        hidden_N_H = hidden_B_T_H[rows, cols - 1]
-        targets_N = input_ids_B_T[rows, cols]
-        head = module.get_output_embeddings()
-        pieces = []
-        for start in range(0, hidden_N_H.shape[0], self.logprob_chunk_tokens):
-            logits = head(hidden_N_H[start : start + self.logprob_chunk_tokens]).float()
-            chosen = logits.gather(-1, targets_N[start : start + self.logprob_chunk_tokens, None]).squeeze(-1)
-            pieces.append(chosen - torch.logsumexp(logits, dim=-1))
-        logp_N = torch.cat(pieces) if pieces else hidden_N_H.new_zeros(0, dtype=torch.float32)
-        out_B_T = torch.zeros(input_ids_B_T.shape, dtype=torch.float32, device=self.device)
-        return out_B_T.index_put((rows, cols), logp_N)
+                       target_mask_B_T: torch.Tensor, position_ids_B_T: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_logprobs` (the module function) on this rank's model; see there for the contract."""
+        return token_logprobs(self.engine.module, input_ids_B_T, attention_mask_B_T, target_mask_B_T,
+                              position_ids_B_T, chunk_tokens=self.logprob_chunk_tokens, device=self.device)
 
     # ---- update ----------------------------------------------------------------------------------
 
@@ -158,8 +165,9 @@ class TrainEngine:
     # ---- export / checkpoints --------------------------------------------------------------------
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (unsharded) weights as CPU tensors under their Hugging Face names."""
-        return {k: v.detach().to("cpu").contiguous() for k, v in self.engine.module.state_dict().items()}
+        """The full (unsharded) weights as CPU tensors under their checkpoint names (see `checkpoint_format`)."""
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.engine.module.state_dict().items()}
+        return checkpoint_format(self.engine.module, state)
 
     def export_weights(self, path: str | Path) -> str:
         """Write the weights to one safetensors file (rank 0 only; atomic), for the rollout engines."""
@@ -190,6 +198,20 @@ class TrainEngine:
         self.engine.load_checkpoint(str(in_dir), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
+def checkpoint_format(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` under the names and layout of a saved checkpoint, which is what vLLM's loaders expect.
+
+    transformers 5 keeps some weights in a fused in-memory layout (MoE experts as one [E, ...] tensor)
+    and converts them back only in `save_pretrained`; the weight sync must do the same, or vLLM rejects
+    names like `mlp.experts.down_proj`.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: in-memory names are the checkpoint's
+        return state
+    return revert_weight_conversion(model, state)
+
+
 def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: dict[int, str] = {}
     out = {}
@@ -200,6 +222,61 @@ def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen[ptr] = name
         out[name] = tensor
     return out
+
+
+def token_logprobs(module, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor,
+                   target_mask_B_T: torch.Tensor, position_ids_B_T: torch.Tensor | None = None, *,
+                   chunk_tokens: int = 4096, device: torch.device | str = "cpu") -> torch.Tensor:
+    """log p(token_t | tokens_<t) for every position where `target_mask` is 1 (else 0), [B, T].
+
+    Position 0 never has a log-prob, nor has the first token of a packed example. Gradients flow
+    when called outside `torch.no_grad()`. `position_ids` (packed rows): restart at 0 at each
+    example's first token (padding included, as its own example); attention stays inside examples.
+    Without it, rows are single right-padded sequences (RL's input) and nothing changes.
+    """
+    decoder = module.get_decoder() if hasattr(module, "get_decoder") else module.model
+    input_ids_B_T = input_ids_B_T.to(device)
+    attention_mask_B_T = attention_mask_B_T.to(device)
+    target_mask_B_T = target_mask_B_T.to(device).bool()
+    if position_ids_B_T is None:
+        hidden_B_T_H = decoder(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).last_hidden_state
+    else:
+        position_ids_B_T = position_ids_B_T.to(device)
+        if "flash" in str(getattr(module.config, "_attn_implementation", "")):
+            mask = None  # varlen kernels find the example boundaries in the position ids
+        else:
+            mask = block_diagonal_mask(position_ids_B_T)
+        hidden_B_T_H = decoder(input_ids=input_ids_B_T, attention_mask=mask,
+                               position_ids=position_ids_B_T).last_hidden_state
+        # a packed example's first token is predicted from the previous example's last: no log-prob
+        target_mask_B_T = target_mask_B_T & (position_ids_B_T != 0)
+    # hidden at t-1 predicts token t
+    select_B_T = target_mask_B_T.clone()
+    select_B_T[:, 0] = False
+    rows, cols = select_B_T.nonzero(as_tuple=True)
+    hidden_N_H = hidden_B_T_H[rows, cols - 1]
+    targets_N = input_ids_B_T[rows, cols]
+    head = module.get_output_embeddings()
+    pieces = []
+    for start in range(0, hidden_N_H.shape[0], chunk_tokens):
+        logits = head(hidden_N_H[start : start + chunk_tokens]).float()
+        chosen = logits.gather(-1, targets_N[start : start + chunk_tokens, None]).squeeze(-1)
+        pieces.append(chosen - torch.logsumexp(logits, dim=-1))
+    logp_N = torch.cat(pieces) if pieces else hidden_N_H.new_zeros(0, dtype=torch.float32)
+    out_B_T = torch.zeros(input_ids_B_T.shape, dtype=torch.float32, device=device)
+    return out_B_T.index_put((rows, cols), logp_N)
+
+
+def block_diagonal_mask(position_ids_B_T: torch.Tensor) -> torch.Tensor:
+    """Causal attention inside each packed example, [B, 1, T, T] booleans (True: may attend).
+
+    Examples are the runs of positions that start at 0; each token sees earlier tokens of its own run.
+    """
+    segment_B_T = (position_ids_B_T == 0).long().cumsum(-1)
+    T = position_ids_B_T.shape[-1]
+    causal_T_T = torch.ones(T, T, dtype=torch.bool, device=position_ids_B_T.device).tril()
+    same_B_T_T = segment_B_T[:, :, None] == segment_B_T[:, None, :]
+    return (same_B_T_T & causal_T_T)[:, None]
 
 
 def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int):

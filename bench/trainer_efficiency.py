@@ -1,0 +1,183 @@
+"""Benchmark 4: trainer efficiency: padding share, trainer tokens/s, peak memory of the log-prob pass.
+
+    .venv/bin/python bench/trainer_efficiency.py
+
+1. Non-padding share of the token slots per micro-batch, unpacked (one sequence per row, right-padded to
+   the longest: what `rl.trainer.PMDWorker` and the unpacked SFT warmup feed the model) and packed
+   (`sft.packing.packed_batch`, first-fit decreasing into rows of at most the budget), on the tiny
+   recipe's real lengths: the SFT warmup's conversations (batches of `sft.batch_size`) and the RL
+   samples (prompt + response) of the SFT checkpoint that bench/rollout_efficiency.py recorded
+   (micro-batches of P*k / mini_batches sequences, as PMDWorker forms them).
+2. Trainer tokens/s: forward + backward + optimizer step of `thinkrl.train_engine.TrainEngine` (the
+   DeepSpeed engine both stages use) on the tiny dense model, real tokens per second, unpacked vs packed
+   layouts of the same SFT batches, interleaved, median of --reps.
+3. Peak memory of `thinkrl.train_engine.token_logprobs` on one long sequence with a large vocabulary,
+   for chunk sizes from "the whole sequence at once" (the [T, V] logits materialised) down to small
+   chunks, without and with gradients. Each measurement runs in a fresh subprocess; the peak is the
+   process's high-water mark (VmHWM, reset through /proc/self/clear_refs) minus its resident size
+   before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS_DIR, ROOT, command_line, setup_env, spread, tiny_run, write_result
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def logprob_memory_child(seq_len: int, vocab: int, chunks: list[int]) -> dict:
+    """Runs in a subprocess: peak extra MiB of token_logprobs per chunk size, no-grad and with backward."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from thinkrl.train_engine import token_logprobs
+
+    torch.manual_seed(0)
+    # the decoder barely matters here (the head's [T, V] logits are the point): keep it small and fast
+    config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, vocab_size=vocab, max_position_embeddings=seq_len,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.randint(0, vocab, (1, seq_len))
+    attn = torch.ones_like(ids)
+    target = torch.ones_like(ids)
+    out = {}
+    for chunk in chunks:
+        for mode in ("no_grad", "backward"):
+            model.zero_grad(set_to_none=True)
+            Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+            before = _status_kib("VmRSS")
+            start = time.perf_counter()
+            if mode == "no_grad":
+                with torch.no_grad():
+                    token_logprobs(model, ids, attn, target, chunk_tokens=chunk)
+            else:
+                token_logprobs(model, ids, attn, target, chunk_tokens=chunk).sum().backward()
+            seconds = time.perf_counter() - start
+            out[f"{chunk}/{mode}"] = {"peak_extra_mib": (_status_kib("VmHWM") - before) / 1024, "seconds": seconds}
+    return out
+
+
+def packing_shares(lengths: list[int], group: int, budget: int) -> dict:
+    """Non-padding share of `lengths` cut into consecutive micro-batches of `group`, unpacked vs packed."""
+    from sft.packing import non_padding_share, packed_batch, padded_batch
+    from thinkrl.chat import EncodedConversation
+
+    unpacked, packed = [], []
+    for start in range(0, len(lengths) - group + 1, group):
+        examples = [EncodedConversation([1] * n, [1] * n) for n in lengths[start:start + group]]
+        unpacked.append(non_padding_share([padded_batch(examples, 0)]))
+        packed.append(non_padding_share([packed_batch(examples, budget, 0)]))
+    return {"micro_batch_sequences": group, "pack_budget": budget, "micro_batches": len(unpacked),
+            "unpacked": spread(unpacked), "packed": spread(packed)}
+
+
+def trainer_throughput(sft_dir: Path, examples: list, batch: int, budget: int, reps: int) -> dict:
+    """Real tokens/s of TrainEngine forward+backward+step, unpacked vs packed layouts of the same batches."""
+    import os
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    from sft.packing import packed_batch, padded_batch
+    from thinkrl.cluster import free_port
+    from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine
+
+    engine = TrainEngine(str(sft_dir), OptimConfig(lr=1e-6), DistConfig(master_port=free_port()))
+    pad = engine.tokenizer.pad_token_id
+
+    def step(layout) -> dict:
+        start = time.perf_counter()
+        logp = engine.token_logprobs(layout.input_ids_B_T, layout.attention_mask_B_T, layout.target_mask_B_T,
+                                     layout.position_ids_B_T)
+        engine.backward(-logp.sum() / max(1, int(layout.target_mask_B_T.sum())))
+        engine.step()
+        wall = time.perf_counter() - start
+        return {"tokens": layout.real_tokens, "slots": layout.slots, "wall_s": wall,
+                "tokens_per_s": layout.real_tokens / wall}
+
+    batches = [examples[i * batch:(i + 1) * batch] for i in range(reps + 1)]
+    step(padded_batch(batches[0], pad))  # warm-up
+    step(packed_batch(batches[0], budget, pad))
+    runs: dict[str, list] = {"unpacked": [], "packed": []}
+    for rep in range(reps):
+        order = ["unpacked", "packed"] if rep % 2 == 0 else ["packed", "unpacked"]
+        for name in order:
+            layout = padded_batch(batches[rep + 1], pad) if name == "unpacked" else packed_batch(batches[rep + 1], budget, pad)
+            runs[name].append(step(layout))
+    ratios = [p["tokens_per_s"] / u["tokens_per_s"] for p, u in zip(runs["packed"], runs["unpacked"], strict=True)]
+    return {"batch_examples": batch, "pack_budget": budget, "runs": runs,
+            "unpacked_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs["unpacked"]),
+            "packed_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs["packed"]),
+            "packed_over_unpacked": {"values": ratios, **spread(ratios)}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT warmup of the checkpoint used (shared, cached) (default: the tiny recipe's)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--seq-len", type=int, default=4096, help="log-prob memory: sequence length")
+    p.add_argument("--vocab", type=int, default=65536, help="log-prob memory: vocabulary size")
+    p.add_argument("--chunks", type=int, nargs="+", default=[0, 1024],
+                   help="log-prob chunk sizes in tokens (0: the whole sequence at once; TrainEngine's "
+                        "default is 4096)")
+    p.add_argument("--name", default="trainer_efficiency")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(logprob_memory_child(spec["seq_len"], spec["vocab"], spec["chunks"])))
+        return 0
+    setup_env()
+
+    memory = {}
+    for chunk in args.chunks:
+        size = chunk or args.seq_len
+        spec = json.dumps({"seq_len": args.seq_len, "vocab": args.vocab, "chunks": [size]})
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", spec], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        for key, value in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            memory[("whole" if chunk == 0 else key.split("/")[0]) + "/" + key.split("/")[1]] = value
+        print(f"[bench] log-prob memory, chunk {chunk or 'whole'}: {memory}", flush=True)
+    logits_mib = args.seq_len * args.vocab * 4 / 2**20
+
+    recipe, run, sft_dir = tiny_run("tiny-dense", args.sft_steps)
+    from sft.data import encode_rows
+    from thinkrl.fileio import read_jsonl
+
+    sft_rows = read_jsonl(run.dir / "data" / "sft.jsonl")
+    examples = run.sft_examples or encode_rows(run.tokenizer, sft_rows, "sft.jsonl", recipe.sft.max_seq_len).examples
+    sft_lengths = [len(e.input_ids) for e in examples]
+    shares = {"sft": packing_shares(sft_lengths, recipe.sft.batch_size, recipe.sft.max_seq_len)}
+    rollout_file = RESULTS_DIR / "rollout_efficiency.json"
+    if rollout_file.exists():
+        rl_lengths = [a + b for a, b in json.loads(rollout_file.read_text())["lengths_prompt_response"]]
+        rl = recipe.rl
+        group = rl.prompts_per_iteration * rl.samples_per_prompt // rl.mini_batches
+        shares["rl"] = packing_shares(rl_lengths, group, recipe.rollout.max_model_len)
+    else:
+        shares["rl"] = {"pending": f"{rollout_file.name} not found: run bench/rollout_efficiency.py first"}
+    print(f"[bench] non-padding shares: {json.dumps(shares)}", flush=True)
+    throughput = trainer_throughput(sft_dir, examples, recipe.sft.batch_size, recipe.sft.max_seq_len, args.reps)
+    print(f"[bench] trainer tokens/s unpacked {throughput['unpacked_tokens_per_s']:.0f}, "
+          f"packed {throughput['packed_tokens_per_s']:.0f}", flush=True)
+    write_result(args.name, {"non_padding_share": shares, "trainer": throughput,
+                             "logprob_memory": {"seq_len": args.seq_len, "vocab": args.vocab,
+                                                "full_logits_mib": logits_mib, "by_chunk": memory}},
+                 command_line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

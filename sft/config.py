@@ -1,0 +1,72 @@
+"""The `sft` section of a recipe: the long-CoT warmup's data, packing, schedule, evaluation and resume.
+
+Field names are stable: the first block is the same as the original `rl.config.SFTConfig` (so recipes
+keep working); the rest are additions with defaults that keep the old behaviour where one existed.
+`SFTStage` is the paper's second stage: re-warm the learning rate and train at a longer context.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from thinkrl.config import Strict
+
+
+class SFTStage(Strict):
+    """A further stage after the first: the learning rate re-warms to `lr` and decays to `min_lr`."""
+
+    steps: int = Field(..., ge=1, description="optimizer steps of this stage")
+    lr: float = Field(..., gt=0, description="peak learning rate after the re-warm (k1.5: 1e-5)")
+    min_lr: float = Field(..., ge=0, description="floor the stage decays to (k1.5: 1e-6)")
+    warmup_steps: int = Field(0, ge=0, description="linear re-warm steps")
+    max_seq_len: int = Field(..., ge=8, description="longest example and packing budget of this stage")
+
+
+class SFTConfig(Strict):
+    """Long-CoT SFT warmup. Read once by the driver; workers get plain values."""
+
+    # -- the original fields (rl.config.SFTConfig) --
+    enabled: bool = Field(True, description="run the long-CoT SFT warmup before RL")
+    data_file: str | None = Field(
+        None, description="JSONL / Parquet file or `datasets` folder of {'messages': [...]}; "
+        "default: the arithmetic teacher through the dataset builder")
+    n_examples: int = Field(6000, ge=1, description="arithmetic teacher: conversations to write")
+    slip_rate: float = Field(0.15, ge=0, le=1, description="arithmetic teacher: chance a step slips by one")
+    fix_rate: float = Field(0.5, ge=0, le=1, description="arithmetic teacher: chance a slip is caught")
+    steps: int = Field(400, ge=1, description="optimizer steps of the first stage")
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step (all ranks together)")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate of the first stage")
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="decay floor as a fraction of lr")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_seq_len: int = Field(512, ge=8, description="longest example (tokens) and packing budget")
+    log_every: int = Field(25, ge=1)
+
+    # -- additions (issue 5) --
+    messages_field: str = Field("messages", description="row field holding the ChatML message list")
+    bad_rows: Literal["reject", "skip"] = Field(
+        "reject", description="rows with no assistant turn, empty content or too many tokens: "
+        "reject fails naming the first; skip drops them (each reported by index, counted)")
+    packing: bool = Field(True, description="pack several examples per row (no attention across them)")
+    micro_batches: int = Field(1, ge=1, description="gradient accumulation: micro-batches per step and rank")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    second_stage: SFTStage | None = Field(None, description="re-warm and train at a longer context")
+    eval_fraction: float = Field(0.02, ge=0, lt=1, description="held-out share of the data for eval loss")
+    eval_file: str | None = Field(None, description="held-out conversations (instead of eval_fraction)")
+    eval_every: int = Field(100, ge=1, description="steps between held-out loss evaluations")
+    eval_max_examples: int = Field(256, ge=1, description="cap on held-out examples per evaluation")
+    save_every: int = Field(100, ge=1, description="steps between resumable DeepSpeed checkpoints")
+    zero_stage: int | None = Field(None, ge=0, le=3, description="ZeRO stage; default: rl.zero_stage")
+
+    @model_validator(mode="after")
+    def _stages(self):
+        if self.second_stage and self.second_stage.max_seq_len < self.max_seq_len:
+            raise ValueError("sft.second_stage.max_seq_len must be >= sft.max_seq_len (the longer context)")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + (self.second_stage.steps if self.second_stage else 0)
