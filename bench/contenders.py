@@ -65,13 +65,9 @@ class ThinkrlLoop:
         n = rl.prompts_per_iteration * rl.samples_per_prompt
         tokens = record["train/response_tokens_mean"] * n
         stages = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("time/") and k != "time/iteration"}
-        if "probe" in stages and "weight_sync" in stages:
-            # run_iteration's time/probe is measured around the sync and the probe together
-            stages["probe"] = max(0.0, stages["probe"] - stages["weight_sync"])
-        for key in ("logprobs", "time_logprobs"):  # the trainer's recompute of log pi_theta_i, when it reports it
-            if f"losses/{key}" in record and "update" in stages:
-                stages["logprobs"] = record[f"losses/{key}"]
-                stages["update"] -= stages["logprobs"]
+        if "update_logprobs" in stages and "update" in stages:  # the trainer's recompute of log pi_theta_i
+            stages["logprobs"] = stages.pop("update_logprobs")
+            stages["update"] -= stages["logprobs"]
         stages["overhead"] = wall - sum(stages.values())
         return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "stages_s": stages,
                 "reward_mean": record["train/reward_mean"], "response_tokens_max": record["train/response_tokens_max"],

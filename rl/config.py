@@ -94,7 +94,9 @@ class RLConfig(Strict):
     gpus_per_trainer: float = Field(0.0, ge=0)
     zero_stage: int = Field(1, ge=0, le=3)
     checkpoint_every: int = Field(10, ge=1)
-    probe_tolerance: float = Field(1e-3, gt=0, description="max mean |vLLM - trainer| log-prob after a sync")
+    probe_tolerance: float = Field(
+        1e-3, gt=0, description="max increase of the mean |vLLM - trainer| probe log-prob after a sync over "
+        "the gap measured on identical weights at start-up")
     samples_to_log: int = Field(4, ge=0, description="rollouts written to samples.jsonl per iteration")
 
     @model_validator(mode="after")

@@ -216,6 +216,9 @@ class Loop:
     probe_ids: list[int]
     probe_prompt_len: int
     sync_file: Path
+    # the probe gap on identical weights (start-up): kernels differ between the engine and the trainer
+    # (about 1e-6 for the dense float32 model on CPU, about 7e-3 for the MoE), stale weights add to it
+    probe_baseline: float = 0.0
 
 
 def warmup(recipe: Recipe, run: Run, log) -> tuple[Path, float | None]:
@@ -304,13 +307,15 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
     stats_per_rank = update_policy(loop.trainers, samples, len(kept), loop.settings, rl)
     times["time/update"] = time.time() - t
 
-    t = time.time()
     times["time/weight_sync"] = sync_weights(loop.trainers, loop.engines, loop.sync_file)
+    t = time.time()
     gap = probe_gap(loop.trainers, loop.engines, loop.probe_ids, loop.probe_prompt_len)
     times["time/probe"] = time.time() - t
-    if gap > rl.probe_tolerance:
+    if gap > loop.probe_baseline + rl.probe_tolerance:
         raise RuntimeError(f"after the weight sync of iteration {iteration}, vLLM's log-probs differ from "
-                           f"the trainer's by {gap:.2e} on the probe (tolerance {rl.probe_tolerance:.0e})")
+                           f"the trainer's by {gap:.2e} on the probe: more than the {loop.probe_baseline:.1e} "
+                           f"measured on identical weights at start-up + tolerance {rl.probe_tolerance:.0e} "
+                           "(the engine is not serving the new weights)")
 
     _log_samples(loop.run.dir / "samples.jsonl", iteration, batch, groups, rewards, loop.run, rl.samples_to_log)
     flat_rewards = [r for g in rewards for r in g]
@@ -323,7 +328,8 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
         "train/response_tokens_max": max(lengths),
         "train/truncated_share": sum(c.finish_reason == "length" for g in groups for c in g) / len(lengths),
         **loop.rewards.metrics(),
-        **{f"losses/{k}": v for k, v in stats.items() if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer")},
+        **{f"losses/{k}": v for k, v in stats.items()
+           if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer", "time_logprobs")},
         "optim/lr": stats.get("lr", rl.lr),
         "optim/grad_norm": stats.get("grad_norm", float("nan")),
         "sync/logprob_gap_rollout_vs_trainer": stats.get("logprob_gap_vllm_trainer", float("nan")),
@@ -333,6 +339,8 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
         **loop.sampler.metrics(),
         **times,
         "time/iteration": sum(times.values()),
+        # the part of time/update spent recomputing log pi_theta_i (not added to time/iteration again)
+        "time/update_logprobs": stats.get("time_logprobs", float("nan")),
     }
 
 
@@ -394,7 +402,10 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
                     [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
                     PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
                                 log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer),
-                    probe_ids, len(heldout_prompts[0]), sync_dir / f"thinkrl-{os.getpid()}-weights.safetensors")
+                    probe_ids, len(heldout_prompts[0]), sync_dir / f"thinkrl-{os.getpid()}-weights.safetensors",
+                    probe_gap(trainers, engines, probe_ids, len(heldout_prompts[0])))
+        log(f"[rl] probe gap on identical weights: {loop.probe_baseline:.1e} (a sync may add at most "
+            f"{rl.probe_tolerance:.0e})")
         if "eval_before" not in state:
             t0 = time.time()
             state["eval_before"] = evaluate(engines, reward_set, heldout_prompts, run.heldout_rows, recipe, seed=10**6)

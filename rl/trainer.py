@@ -9,6 +9,7 @@ current weights (the reference of this iteration's KL term, never vLLM's numbers
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,7 @@ class PMDWorker:
     def update(self, samples: list[Sample], settings: PMDSettings) -> dict[str, float]:
         """Recompute log pi_theta_i, then take `settings.mini_batches` PMD steps. Returns statistics."""
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": [], "lr": []}
+        started = time.perf_counter()
         with torch.no_grad():
             logp_old = torch.zeros(len(samples))
             gaps = []
@@ -73,6 +75,7 @@ class PMDWorker:
                     start_pos = len(s.prompt_ids)
                     trainer_tok = row[start_pos : start_pos + len(s.response_ids)]
                     gaps.append((trainer_tok - torch.tensor(s.rollout_logprobs)).abs().mean().item())
+        logprobs_seconds = time.perf_counter() - started
         if settings.reset_optimizer:
             self.engine.reset_optimizer()
         groups = sorted({s.group for s in samples})
@@ -113,6 +116,7 @@ class PMDWorker:
                 log_ratios.extend((logp.detach() - old).tolist())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["logprob_gap_vllm_trainer"] = sum(gaps) / max(1, len(gaps))
+        out["time_logprobs"] = logprobs_seconds  # recomputing log pi_theta_i, inside time/update
         if log_ratios:
             t = torch.tensor(log_ratios)
             out["log_ratio_mean"] = t.mean().item()
