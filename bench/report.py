@@ -24,6 +24,12 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def table_header(out: list[str], header: str) -> None:
+    """A markdown table's header row and its separator (as many columns as the header has)."""
+    out.append(header)
+    out.append("|" + "---|" * (header.count("|") - 1))
+
+
 def fmt_ratio(r: dict, digits: int = 2) -> str:
     return f"**{r['median']:.{digits}f}** (min {r['min']:.{digits}f}, max {r['max']:.{digits}f}, n={r['n']})"
 
@@ -96,8 +102,7 @@ def section_throughput(out: list[str], status: dict) -> None:
         out.append(f"Settings: {s['prompts']} prompts x k={s['k']}, max {s['max_tokens']} tokens, "
                    f"{s['optimizer_steps_per_iteration']} optimizer steps per iteration, lr {s['lr']}, "
                    f"SFT warmup steps: {s['sft_steps'] or 'the tiny recipe default (500)'}.\n")
-        out.append("| contender | tokens/s (median, context only) | ratio thinkrl / contender | goal |")
-        out.append("|---|---|---|---|")
+        table_header(out, "| contender | tokens/s (median, context only) | ratio thinkrl / contender | goal |")
         for other, label, target in (("trl_hf", "TRL GRPOTrainer, HF generate", 1.5),
                                      ("trl_vllm", "TRL GRPOTrainer, vLLM colocate", 1.0)):
             if other in r["ratios"]:
@@ -117,8 +122,7 @@ def section_throughput(out: list[str], status: dict) -> None:
                      "thinkrl_vs_trl_vllm": "thinkrl's iteration (runs beside TRL + vLLM)",
                      "trl_hf": "TRL (HF generate)", "trl_vllm": "TRL (vLLM colocate)"}.get(name, name)
             out.append(f"{label} by stage (share of the iteration's wall time, min / median / max):\n")
-            out.append("| stage | share |")
-            out.append("|---|---|")
+            table_header(out, "| stage | share |")
             for stage, sp in sorted(shares.items(), key=lambda kv: -kv[1]["median"]):
                 out.append(f"| {stage} | {sp['min']:.1%} / **{sp['median']:.1%}** / {sp['max']:.1%} |")
             out.append("")
@@ -176,9 +180,8 @@ def section_sync(out: list[str], status: dict) -> None:
                f"**{m['gb_per_s']:.2f} GB/s** (min {m['gb_per_s_min']:.2f}, max {m['gb_per_s_max']:.2f}). A sync "
                "moves every byte at least twice (trainer -> /dev/shm file, file -> engine parameters), so its "
                "memory-copy bound is 2 x bytes / bandwidth.\n")
-    out.append("| model | weights | sync s (min / median / max) | export s | load s | GB/s | memcpy bound s | "
-               "sync / bound |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    table_header(out, "| model | weights | sync s (min / median / max) | export s | load s | GB/s | memcpy bound s | "
+                      "sync / bound |")
     for name, x in r["models"].items():
         if "error" in x:
             out.append(f"| {name} | **sync fails**: `{' '.join(x['error'].split())[:240].replace(str(ROOT) + '/', '')}` (full text in the "
@@ -204,8 +207,7 @@ def section_trainer(out: list[str], status: dict) -> None:
     out.append(f"`{r['command']}`\n")
     out.append("Share of the token slots of each micro-batch that hold real tokens (aim: >= 0.95 packed), on "
                "the tiny recipe's real lengths:\n")
-    out.append("| data | micro-batch | unpacked (min / median / max) | packed (min / median / max) | aim >= 0.95 |")
-    out.append("|---|---|---|---|---|")
+    table_header(out, "| data | micro-batch | unpacked (min / median / max) | packed (min / median / max) | aim >= 0.95 |")
     for name, x in r["non_padding_share"].items():
         label = {"sft": "SFT warmup conversations", "rl": "RL samples (prompt + response)"}.get(name, name)
         if "pending" in x:
@@ -230,19 +232,76 @@ def section_trainer(out: list[str], status: dict) -> None:
     mem = r["logprob_memory"]
     out.append(f"Peak extra memory of `token_logprobs` on one sequence of {mem['seq_len']} tokens with a "
                f"{mem['vocab']}-token vocabulary (the full [T, V] float32 logits: {mem['full_logits_mib']:.0f} MiB):\n")
-    out.append("| chunk (tokens) | no grad: peak MiB | no grad: s | with backward: peak MiB | with backward: s |")
-    out.append("|---|---|---|---|---|")
+    table_header(out, "| chunk (tokens) | no grad: peak MiB | no grad: s | with backward: peak MiB | with backward: s |")
     chunks = sorted({k.split("/")[0] for k in mem["by_chunk"]}, key=lambda c: (c != "whole", -int(c) if c.isdigit() else 0))
     for c in chunks:
         ng, bw = mem["by_chunk"].get(f"{c}/no_grad", {}), mem["by_chunk"].get(f"{c}/backward", {})
         out.append(f"| {c} | {ng.get('peak_extra_mib', float('nan')):.0f} | {ng.get('seconds', float('nan')):.2f} | "
                    f"{bw.get('peak_extra_mib', float('nan')):.0f} | {bw.get('seconds', float('nan')):.2f} |")
     out.append("")
-    out.append("What limits it: without gradients, chunking bounds the logits to chunk x V at a time. With "
-               "gradients, autograd keeps every chunk's logits for the backward pass, so chunking alone does "
-               "not lower the training peak; only recomputing the chunk's logits in backward (a custom autograd "
-               "function or activation checkpointing of the head) would. The default chunk (4096 tokens) "
-               "equals the whole sequence here, i.e. the [T, V] logits are materialised for T <= 4096.\n")
+    out.append("What limits it: the output head goes through `thinkrl.train_engine.head_logprobs`, which "
+               "computes the logits chunk by chunk in the forward pass and recomputes them chunk by chunk in "
+               "the backward pass (it keeps only its inputs and one logsumexp per token), so the peak follows "
+               "the chunk, not T, with and without gradients. A plain chunked loop differentiated by autograd "
+               "would keep every chunk's logits for backward; the GPU section below measures both. The "
+               "default chunk is 4096 tokens (`TrainEngine(logprob_chunk_tokens=...)`).\n")
+
+
+GPU_DIR = ROOT / "bench" / "gpu_results"
+
+
+def section_gpu(out: list[str], status: dict) -> None:
+    """Figures taken on a CUDA machine by bench/gpu_trainer.py and committed under bench/gpu_results/."""
+    out.append("## 7. On a GPU: DeepSpeed training throughput and the log-prob head's memory\n")
+    files = sorted(GPU_DIR.glob("*.json"))
+    if not files:
+        out.append("_No GPU result committed (bench/gpu_results/ is empty)._\n")
+        return
+    out.append("Not part of `make bench` (this machine has no GPU): `bench/gpu_trainer.py` ran on a lent CUDA "
+               "machine and its JSON is committed under bench/gpu_results/. Random Qwen2.5-shaped models "
+               "(tied embeddings, vocabulary 151936) through `TrainEngine`: DeepSpeed ZeRO-1, bf16 with fp32 "
+               "master weights, fused AdamW, loss through `token_logprobs`. MFU = tokens/s x training FLOPs "
+               "per token (6 x matmul weights + 6 x layers x T x attention width, causal; recomputation under "
+               "gradient checkpointing not counted) / the GPU's dense bf16 peak.\n")
+    for path in files:
+        r = json.loads(path.read_text())
+        v = r["versions"]
+        out.append(f"### {r['device']} ({path.name})\n")
+        out.append(f"`{r['command']}` — {r['finished_at']}; torch {v['torch']} (CUDA {r['cuda']}), DeepSpeed "
+                   f"{v['deepspeed']}, transformers {v['transformers']}; dense bf16 peak "
+                   f"{r['peak_bf16_tflops']} TFLOP/s (data sheet), 8192^3 bf16 matmul measured at "
+                   f"{r['measured_matmul_tflops']:.0f} TFLOP/s.\n")
+        table_header(out, "| model | tokens per step | gradient checkpointing | tokens/s (median) | TFLOP/s | MFU | "
+                          "MFU vs measured matmul | peak GiB |")
+        for t in r["throughput"]:
+            if "error" in t:
+                out.append(f"| {t['run']} | | | fails: `{t['error'][:120]}` | | | | |")
+                continue
+            out.append(f"| {t['size']} ({t['parameters'] / 1e9:.2f}B) | {t['rows']} x {t['seq_len']} | "
+                       f"{'yes' if t['gradient_checkpointing'] else 'no'} | {t['tokens_per_s']:,.0f} | "
+                       f"{t['tflops_per_s']:.0f} | **{t['mfu']:.1%}** | {t['mfu_vs_measured_matmul']:.1%} | "
+                       f"{t['peak_memory_gib']:.1f} |")
+        out.append("")
+        out.append("Peak extra GPU memory of the log-probs of one sequence through the 151936 x 896 head (bf16 "
+                   "hidden states and weights, float32 logits):\n")
+        table_header(out, "| T | variant | no grad: GiB | with backward: GiB | [T, V] float32 logits: GiB |")
+        rows: dict = {}
+        for m in r["logprob_memory"]:
+            rows.setdefault((m["seq_len"], m["variant"]), {})[m["mode"]] = m
+        for (seq_len, variant), modes in rows.items():
+            def gib(m):
+                return "OOM" if m.get("peak_extra_gib") is None else f"{m['peak_extra_gib']:.2f}"
+            bold = "**" if variant.startswith("head_logprobs") else ""
+            out.append(f"| {seq_len} | {variant} | {gib(modes['no_grad'])} | {bold}{gib(modes['backward'])}{bold} | "
+                       f"{modes['no_grad']['logits_fp32_gib']:.1f} |")
+        out.append("")
+    out.append("What limits MFU (torch profiler, 0.5B, 4 x 4096 tokens, one step, 280 ms of GPU time): the "
+               "decoder's matmuls take about a quarter, the 151936-token head about a third (the logits are "
+               "computed, upcast to float32 and reduced in separate kernels, forward and again in backward), "
+               "attention (cuDNN flash kernels through SDPA) under a tenth, and the rest is elementwise work "
+               "(RMSNorm and rotary embeddings in float32, casts). Larger models spend a larger share in "
+               "matmuls: MFU grows from 0.5B to 1.5B and with longer rows. A fused head kernel (logits, "
+               "logsumexp and gather in one pass) is the next step.\n")
 
 
 def section_rewards(out: list[str], status: dict) -> None:
@@ -254,8 +313,7 @@ def section_rewards(out: list[str], status: dict) -> None:
     command = r.get("command", "python bench/rewards.py").replace(str(ROOT) + "/", "")
     out.append(f"`{command}` (bench/rewards.py, owned by the rewards module)\n")
     v = r["verifications_per_s"]
-    out.append("| workers | verifications/s (min / median / max, context only) |")
-    out.append("|---|---|")
+    table_header(out, "| workers | verifications/s (min / median / max, context only) |")
     for w, x in v.items():
         out.append(f"| {w} | {x['min']:.0f} / **{x['median']:.0f}** / {x['max']:.0f} |")
     out.append("")
@@ -284,8 +342,7 @@ def section_learning(out: list[str], status: dict) -> None:
                    f"engine (TRL's weights are loaded into it for its turn), "
                    f"{r['eval_decoding']['samples_per_prompt']} samples each at temperature "
                    f"{r['eval_decoding']['temperature']}.\n")
-        out.append("| iteration | thinkrl tokens | thinkrl accuracy | TRL tokens | TRL accuracy |")
-        out.append("|---|---|---|---|---|")
+        table_header(out, "| iteration | thinkrl tokens | thinkrl accuracy | TRL tokens | TRL accuracy |")
         for a, b in zip(r["curve"]["thinkrl"], r["curve"]["trl_hf"], strict=False):
             out.append(f"| {a['iteration']} | {a['generated_tokens']:.0f} | {a['accuracy']:.3f} | "
                        f"{b['generated_tokens']:.0f} | {b['accuracy']:.3f} |")
@@ -331,7 +388,8 @@ def summary() -> list[str]:
         rows.append(("5. math verifications/s, 2 workers / 1", {**x, "n": r.get("reps", 0)}, "-> 2", None))
     if not rows:
         return []
-    out = ["## Summary\n", "| measurement | median (min, max, n) | goal | |", "|---|---|---|---|"]
+    out = ["## Summary\n"]
+    table_header(out, "| measurement | median (min, max, n) | goal | |")
     for label, x, target, ok in rows:
         shown = "fails (see below)" if x is None else fmt_ratio(x)
         out.append(f"| {label} | {shown} | {target} | {'' if ok is None else goal(ok)} |")
@@ -363,14 +421,13 @@ def build(status: dict) -> str:
     if machine:
         out.append(f"Machine: {machine_line(machine)}.\n")
     if status:
-        out.append("| benchmark | status | wall s |")
-        out.append("|---|---|---|")
+        table_header(out, "| benchmark | status | wall s |")
         for name, s in status.items():
             out.append(f"| {name} | {s['status']} | {s.get('wall_s', 0):.0f} |")
         out.append("")
     out.extend(summary())
     for section in (section_throughput, section_rollout, section_sync, section_trainer, section_rewards,
-                    section_learning):
+                    section_learning, section_gpu):
         try:
             section(out, status)
         except (KeyError, TypeError, ValueError) as e:  # a result file of an older format: say so, go on

@@ -97,13 +97,7 @@ class RewardSet:
         failures: dict[str, list[Outcome | None]] = {r.name: [None] * len(flat) for r in self.rewards}
 
         sample_rewards = [r for r in active if r.reward.kind == "sample"]
-        calls = [(r, i) for i in range(len(flat)) for r in sample_rewards]
-        self._run_calls([(r, [i], (r.reward.fn, flat[i])) for r, i in calls], results, failures)
-
-        correct = [self._is_correct(results, failures, i) for i in range(len(flat))]
-        gated = [any(r.reward.gate and (failures[r.name][i] or results[r.name][i].score <= 0)
-                     for r in sample_rewards) for i in range(len(flat))]
-        correct = [c and not g for c, g in zip(correct, gated, strict=True)]
+        correct, gated = self._sample_verdicts(flat, sample_rewards, results, failures)
 
         group_calls, offset = [], 0
         for group in groups:
@@ -121,6 +115,33 @@ class RewardSet:
             out.append(scored[offset : offset + len(group)])
             offset += len(group)
         return out
+
+    def verdicts(self, groups: list[list[RewardInput]], iteration: int) -> list[list[bool]]:
+        """Only each sample's correctness verdict (held-out evaluation), in the groups' shape.
+
+        Runs the correctness reward and the gates, nothing else (no other per-sample or group reward),
+        and leaves `metrics()` as the last `score_groups` set it.
+        """
+        flat = [s for g in groups for s in g]
+        needed = [r for r in self.rewards if r.spec.active(iteration) and r.reward.kind == "sample"
+                  and (r.name == self.correctness or r.reward.gate)]
+        results: dict[str, list[RewardResult | None]] = {r.name: [None] * len(flat) for r in self.rewards}
+        failures: dict[str, list[Outcome | None]] = {r.name: [None] * len(flat) for r in self.rewards}
+        correct, _ = self._sample_verdicts(flat, needed, results, failures)
+        out, offset = [], 0
+        for group in groups:
+            out.append(correct[offset : offset + len(group)])
+            offset += len(group)
+        return out
+
+    def _sample_verdicts(self, flat, sample_rewards, results, failures) -> tuple[list[bool], list[bool]]:
+        """Run `sample_rewards` on every sample; (correct, gated) per sample (a gated sample is not correct)."""
+        calls = [(r, i) for i in range(len(flat)) for r in sample_rewards]
+        self._run_calls([(r, [i], (r.reward.fn, flat[i])) for r, i in calls], results, failures)
+        correct = [self._is_correct(results, failures, i) for i in range(len(flat))]
+        gated = [any(r.reward.gate and (failures[r.name][i] or results[r.name][i].score <= 0)
+                     for r in sample_rewards) for i in range(len(flat))]
+        return [c and not g for c, g in zip(correct, gated, strict=True)], gated
 
     def _run_calls(self, calls, results, failures) -> None:
         def on_outcome(index: int, outcome: Outcome) -> None:

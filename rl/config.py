@@ -93,6 +93,9 @@ class RLConfig(Strict):
     num_trainers: int = Field(1, ge=1, description="DeepSpeed ranks (one per GPU, or CPU processes)")
     gpus_per_trainer: float = Field(0.0, ge=0)
     zero_stage: int = Field(1, ge=0, le=3)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute decoder activations in backward (long sequences: memory for ~1/3 more "
+        "compute); also the SFT warmup's default")
     checkpoint_every: int = Field(10, ge=1)
     probe_tolerance: float = Field(
         1e-3, gt=0, description="max increase of the mean |vLLM - trainer| probe log-prob after a sync over "

@@ -78,34 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def read_rows(path: Path, prompt_field: str, answer_field: str) -> list[dict]:
     """Every row of a JSONL file; raises DataError listing each bad line (number and field), up to 20."""
-    from thinkrl.fileio import DataError
+    from thinkrl.fileio import DataError, read_jsonl
 
-    if not path.is_file():
-        raise DataError(f"{path}: dataset file not found")
-    rows, problems = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                continue
-            missing = [k for k in (prompt_field, answer_field) if row.get(k) is None or str(row[k]).strip() == ""]
-            if missing:
-                problems.append(f"{path}:{lineno}: missing or empty field {', '.join(map(repr, missing))}")
-                continue
-            rows.append(row)
-    if problems:
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(f"{len(problems)} bad row(s), nothing labelled:\n  " + "\n  ".join(problems[:20]) + more)
-    if not rows:
-        raise DataError(f"{path}: dataset file has no rows")
-    return rows
+    try:
+        return read_jsonl(path, (prompt_field, answer_field), list_errors=20)
+    except DataError as e:
+        raise DataError(f"{e} (nothing labelled)") from None
 
 
 def fingerprint(args: argparse.Namespace, model_path: Path) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -109,8 +110,7 @@ def evaluate(engines, reward_set, prompts_ids: list[list[int]], rows: list[dict]
     settings = RolloutSettings(n=ev.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
                                max_tokens=ev.max_tokens, seed=seed)
     groups = generate(engines, prompts_ids, settings)
-    scored = reward_set.score_groups(reward_inputs(rows, groups), iteration=recipe.rl.iterations)
-    verdicts = [s.correct for g in scored for s in g]
+    verdicts = [v for g in reward_set.verdicts(reward_inputs(rows, groups), iteration=recipe.rl.iterations) for v in g]
     lengths = [len(c.token_ids) for g in groups for c in g]
     return {
         "accuracy": sum(verdicts) / len(verdicts),
@@ -236,7 +236,8 @@ def warmup(recipe: Recipe, run: Run, log) -> tuple[Path, float | None]:
         t0 = time.time()
         stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), sft_dir, recipe.run.seed,
                         rl.num_trainers, rl.zero_stage, rl.gpus_per_trainer, log=log,
-                        heldout=run.sft_heldout, metrics_file=run.dir / "sft_metrics.jsonl")
+                        heldout=run.sft_heldout, metrics_file=run.dir / "sft_metrics.jsonl",
+                        gradient_checkpointing=rl.gradient_checkpointing)
         atomic_write_json(run.dir / "sft_stats.json", {**stats, "wall_seconds": time.time() - t0})
     stats_file = run.dir / "sft_stats.json"
     return sft_dir, json.loads(stats_file.read_text())["wall_seconds"] if stats_file.exists() else None
@@ -256,13 +257,11 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, state: dict, 
     trainers = trainer_group(
         PMDWorker, rl.num_trainers,
         lambda rank, addr, port: (str(model), optim,
-                                  DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage, rl.micro_batches_per_step),
+                                  DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage, rl.micro_batches_per_step,
+                                             rl.gradient_checkpointing),
                                   recipe.run.seed),
-        gpus_per_rank=rl.gpus_per_trainer,
+        gpus_per_rank=rl.gpus_per_trainer, wait=False,  # the engines start meanwhile
     )
-    if resume:
-        ray.get([t.load_state.remote(str(resume / "trainer"), ws) for t, ws in zip(trainers, state["workers"], strict=True)])
-        log(f"[rl] resumed from {resume} (iteration {state['iteration']})")
     engine_cls = remote_actor(RolloutEngine, num_gpus=ro.gpus_per_engine)
     engines = [
         engine_cls.remote(EngineSettings(
@@ -272,7 +271,10 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, state: dict, 
         ))
         for e in range(ro.num_engines)
     ]
-    ray.get([e.__ray_ready__.remote() for e in engines])
+    ray.get([a.__ray_ready__.remote() for a in trainers + engines])
+    if resume:
+        ray.get([t.load_state.remote(str(resume / "trainer"), ws) for t, ws in zip(trainers, state["workers"], strict=True)])
+        log(f"[rl] resumed from {resume} (iteration {state['iteration']})")
     return trainers, engines
 
 
@@ -477,6 +479,16 @@ def _log_samples(path: Path, iteration: int, batch, groups, rewards, run: Run, n
                                 "response": groups[j][0].text, "reward": rewards[j][0]}) + "\n")
 
 
+_TERMINATED: list[int] = []  # the signal that stopped the run, if one did
+
+
+def _exit_on_sigterm(signum, frame):
+    _TERMINATED.append(signum)
+    print("[rl] terminated (SIGTERM): shutting down; the last checkpoint is intact, submit again to resume",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signum)  # inside ray.get, Ray turns any signal into SystemExit(1): main maps it back
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="thinkrl RL run (SFT warmup, then policy mirror descent)")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
@@ -494,22 +506,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     init_ray()
+    # a kill (SIGTERM: `ray job stop`, a scheduler, `kill`) unwinds like an exception: the reward pool
+    # closes and ray.shutdown() below takes the actors (vLLM, trainers) and a local cluster down with it.
+    # Set after ray.init, which installs a handler of its own that aborts the process.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     start = time.time()
     import ray
 
     from rewards.types import RewardPluginError
 
+    failure = None
     try:
         report = rl_loop(recipe, run, log=lambda msg: print(msg, flush=True))
     except RewardPluginError as e:
+        failure = e
+    except SystemExit:
+        if not _TERMINATED:
+            raise
+        return 128 + _TERMINATED[0]  # after the finally clause's shutdown
+    finally:
+        # disconnect first: log lines of the killed actors (vLLM's shutdown warnings) are forwarded
+        # asynchronously and must not land after the run directory, which is the output's last line
         ray.shutdown()
-        print(f"error: {e} (the last checkpoint is intact; fix the reward and submit again to resume)",
+    if failure:
+        print(f"error: {failure} (the last checkpoint is intact; fix the reward and submit again to resume)",
               file=sys.stderr)
         return 3
-
-    # disconnect first: log lines of the killed actors (vLLM's shutdown warnings) are forwarded
-    # asynchronously and must not land after the run directory, which is the output's last line
-    ray.shutdown()
     print(f"[done] held-out accuracy {report['accuracy_before_rl']:.3f} -> {report['accuracy_after_rl']:.3f}  "
           f"mean length {report['mean_response_tokens_before_rl']:.1f} -> {report['mean_response_tokens_after_rl']:.1f} "
           f"tokens  ({report['n_heldout']} problems)  total {time.time() - start:.0f}s", flush=True)

@@ -85,6 +85,9 @@ class RolloutEngine:
                 top_p=settings.top_p,
                 max_tokens=settings.max_tokens,
                 logprobs=0,
+                # the sampled tokens' log-probs as flat float lists, not one dict of Logprob objects per
+                # token (those cost Python object churn and GC on the engine's output path)
+                flat_logprobs=True,
                 # per-request seeds fail on vLLM's CPU backend ("CPU Generator does not use offset");
                 # there the engine's seed alone makes sampling reproducible
                 seed=None if settings.seed is None or self.is_cpu else settings.seed + i,
@@ -96,8 +99,7 @@ class RolloutEngine:
         for out in outputs:
             group = []
             for c in out.outputs:
-                logps = [entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs, strict=True)]
-                group.append(Completion(list(c.token_ids), logps, c.text, c.finish_reason or "length"))
+                group.append(Completion(list(c.token_ids), sampled_logprobs(c), c.text, c.finish_reason or "length"))
             results.append(group)
         return results
 
@@ -115,3 +117,16 @@ class RolloutEngine:
         counts = self.llm.collective_rpc("thinkrl_load_weights", args=(path,))
         self.llm.reset_prefix_cache()
         return counts[0]
+
+
+def sampled_logprobs(completion) -> list[float]:
+    """The log-prob of each sampled token of a vLLM completion asked with `logprobs=0`.
+
+    With `flat_logprobs` each position holds exactly the sampled token, so the flat list is the answer;
+    anything else (other vLLM versions, top-k log-probs) goes position by position.
+    """
+    lp, ids = completion.logprobs, completion.token_ids
+    flat_ids = getattr(lp, "token_ids", None)
+    if flat_ids is not None and len(flat_ids) == len(ids) and list(flat_ids) == list(ids):
+        return list(lp.logprobs)
+    return [entry[tok].logprob for tok, entry in zip(ids, lp, strict=True)]

@@ -324,7 +324,8 @@ def _build_chunk(questions: list[Question], first_index: int, teacher: Teacher, 
     if len(traces) != len(questions) or any(len(t) != k for t in traces):
         raise RuntimeError(f"teacher returned {[len(t) for t in traces]} traces, expected {k} per question")
     flat = [(reward_path, text, q.answer) for q, texts in zip(questions, traces, strict=True) for text in texts]
-    scores = pool.map(score_trace, flat)
+    # reward 'none' needs no worker processes: every trace passes
+    scores = pool.map(score_trace, flat) if pool is not None else [accept_all(t, a) for _, t, a in flat]
     from sft.patterns import detect_patterns
 
     rows, per_question = [], []
@@ -406,7 +407,9 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
                    dynamic_ncols=True)
     start = time.time()
     new_questions = 0
-    pool = reward_pool or RewardPool(num_workers=reward_workers, timeout_s=reward_timeout_s)
+    pool = reward_pool
+    if pool is None and reward != "none":
+        pool = RewardPool(num_workers=reward_workers, timeout_s=reward_timeout_s)
     try:
         for i in todo:
             part = questions[i * chunk_size : (i + 1) * chunk_size]
@@ -419,7 +422,7 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
             if bar:
                 bar.update(len(part))
     finally:
-        if reward_pool is None:
+        if reward_pool is None and pool is not None:
             pool.close()
     if bar:
         bar.close()
@@ -429,8 +432,9 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
                   "questions_per_s": new_questions / elapsed if new_questions else None, "keep": keep, "k": k,
                   "reward": reward, "teacher_retries": getattr(teacher, "retried", 0)})
     atomic_write_json(out / "stats.json", stats)
+    verified = "not verified (reward none)" if reward == "none" else f"{stats['traces_verified']} verified"
     log(f"[build_cot] {stats['questions_in']} questions, {stats['traces_sampled']} traces sampled, "
-        f"{stats['traces_verified']} verified, {stats['traces_kept']} kept -> {out / 'dataset'}")
+        f"{verified}, {stats['traces_kept']} kept -> {out / 'dataset'}")
     return stats
 
 

@@ -60,6 +60,8 @@ class SFTConfig(Strict):
     eval_max_examples: int = Field(256, ge=1, description="cap on held-out examples per evaluation")
     save_every: int = Field(100, ge=1, description="steps between resumable DeepSpeed checkpoints")
     zero_stage: int | None = Field(None, ge=0, le=3, description="ZeRO stage; default: rl.zero_stage")
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in backward; default: rl.gradient_checkpointing")
 
     @model_validator(mode="after")
     def _stages(self):

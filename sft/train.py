@@ -80,7 +80,8 @@ def _heldout_loss(workers, heldout, per_rank: int, budget: int | None) -> float:
 
 def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
             num_trainers: int = 1, zero_stage: int = 1, gpus_per_trainer: float = 0.0,
-            log=print, *, heldout: list | None = None, metrics_file: Path | None = None) -> dict[str, float]:
+            log=print, *, heldout: list | None = None, metrics_file: Path | None = None,
+            gradient_checkpointing: bool = False) -> dict[str, float]:
     """Train on `examples` (EncodedConversation list) and save the result to `out_dir`. Returns stats.
 
     `heldout`: examples for the periodic eval loss (default: a seeded `sft.eval_fraction` of `examples`).
@@ -109,11 +110,13 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
             raise ValueError(f"no SFT example fits max_seq_len={max_len}")
 
     zero = sft.zero_stage if sft.zero_stage is not None else zero_stage
+    checkpointing = sft.gradient_checkpointing if sft.gradient_checkpointing is not None else gradient_checkpointing
     optim = optim_config(sft)
     workers = trainer_group(
         SFTWorker, num_trainers,
         lambda rank, addr, port: (model_path, optim,
-                                  DistConfig(rank, num_trainers, addr, port, zero, sft.micro_batches), seed),
+                                  DistConfig(rank, num_trainers, addr, port, zero, sft.micro_batches, checkpointing),
+                                  seed),
         gpus_per_rank=gpus_per_trainer,
     )
     state_root = out_dir.with_name(out_dir.name + "-state")
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     init_ray()
     stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), out, recipe.run.seed,
                     recipe.rl.num_trainers, recipe.rl.zero_stage, recipe.rl.gpus_per_trainer,
-                    heldout=run.sft_heldout, metrics_file=run.dir / "sft_metrics.jsonl")
+                    heldout=run.sft_heldout, metrics_file=run.dir / "sft_metrics.jsonl",
+                    gradient_checkpointing=recipe.rl.gradient_checkpointing)
     print(json.dumps(stats))
     print(out)
 

@@ -133,3 +133,42 @@ def test_bad_recipe_and_data_fail_before_anything_starts(tmp_path):
                  f"data.heldout_file={data}", check=False)
     assert out.returncode == 2 and "nope.jsonl: dataset file not found" in out.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path):
+    """`kill` / `ray job stop` on a running driver: exit 128+15, and no trainer, engine or Ray process left."""
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "THINKRL_CACHE": str(tmp_path / "cache"), "VLLM_CPU_KVCACHE_SPACE": "1",
+           "RAY_ADDRESS": "local"}
+    log = tmp_path / "out.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rl.train", "recipes/tiny.yaml", f"run.output_dir={tmp_path / 'run'}", *SMALL,
+             "sft.enabled=false", "rl.iterations=1000"],
+            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while "[rl] iter 1/" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        def cmdline(p):
+            try:
+                return " ".join(p.cmdline())
+            except psutil.Error:  # ended meanwhile
+                return ""
+
+        started = psutil.Process(proc.pid).children(recursive=True)  # Ray's processes, actors, vLLM's
+        assert any("RolloutEngine" in cmdline(p) for p in started)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+        assert "terminated (SIGTERM)" in log.read_text()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        alive = [cmdline(p)[:100] for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, alive
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

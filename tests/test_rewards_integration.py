@@ -71,6 +71,15 @@ def test_weights_warmup_gate_failures_and_sub_scores(mixed_set):
     assert m["reward/crash_on_odd/failures"] == 2 and m["reward/errors"] == 2 and m["reward/timeouts"] == 1
 
 
+def test_verdicts_run_only_correctness_and_gates(mixed_set):
+    """Held-out evaluation's path: the same verdicts as score_groups, no other reward, metrics untouched."""
+    mixed_set.score_groups([_group()], iteration=3)
+    before = mixed_set.metrics()
+    hang = [RewardInput("2+2?", "<think>hang on</think>\\boxed{4}", "4", num_tokens=7)]  # would time out
+    assert mixed_set.verdicts([_group(), hang], iteration=3) == [[True, False, False], [True]]
+    assert mixed_set.metrics() == before
+
+
 def test_invalid_results_are_failures():
     specs = ["user_rewards:nan", "user_rewards:too_big", "user_rewards:wrong_type", "user_rewards:short_group",
              {"name": "user_rewards:Brevity", "options": {"bonus": 0.5}}]   # a well-behaved class with options

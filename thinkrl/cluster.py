@@ -57,16 +57,18 @@ def remote_actor(cls, *, num_cpus: float = 0.0, num_gpus: float = 0.0):
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": actor_env()})(cls)
 
 
-def trainer_group(cls, world_size: int, make_args, *, gpus_per_rank: float = 0.0) -> list:
+def trainer_group(cls, world_size: int, make_args, *, gpus_per_rank: float = 0.0, wait: bool = True) -> list:
     """`world_size` actors of `cls`, rank r constructed with `make_args(rank, master_addr, master_port)`.
 
     Ranks rendezvous through torch.distributed on rank 0's node; all are constructed concurrently
-    (init_distributed blocks until every rank has joined).
+    (init_distributed blocks until every rank has joined). `wait=False` returns at once (the caller
+    waits on `__ray_ready__`, e.g. while other actors start too).
     """
     import ray
 
     addr, port = ray.util.get_node_ip_address(), free_port()
     actor_cls = remote_actor(cls, num_gpus=gpus_per_rank)
     actors = [actor_cls.remote(*make_args(rank, addr, port)) for rank in range(world_size)]
-    ray.get([a.__ray_ready__.remote() for a in actors])
+    if wait:
+        ray.get([a.__ray_ready__.remote() for a in actors])
     return actors

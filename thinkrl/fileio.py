@@ -77,15 +77,16 @@ class DataError(ValueError):
     """A dataset row or file that cannot be used; the message names the file, row and field."""
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (), *, list_errors: int = 1) -> list[dict]:
     """Read a JSONL file, checking every row is an object with the `required` non-empty fields.
 
-    Raises DataError naming the file, the 1-based line number and the field on the first bad row.
+    Raises DataError naming the file, the 1-based line number and the field on the first bad row; with
+    `list_errors` N > 1 it reads the whole file and the error counts every bad row and lists the first N.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
-    rows = []
+    rows, problems = [], []
     with open(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -93,16 +94,29 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for field in required:
-                if field not in row or row[field] is None or str(row[field]).strip() == "":
-                    raise DataError(f"{path}:{lineno}: missing or empty field {field!r}")
-            rows.append(row)
+                problem = f"{path}:{lineno}: not valid JSON ({e.msg})"
+            else:
+                problem = _row_problem(row, required)
+                problem = problem and f"{path}:{lineno}: {problem}"
+            if not problem:
+                rows.append(row)
+                continue
+            if list_errors <= 1:
+                raise DataError(problem)
+            problems.append(problem)
+    if problems:
+        more = f"\n  ... and {len(problems) - list_errors} more" if len(problems) > list_errors else ""
+        raise DataError(f"{len(problems)} bad row(s):\n  " + "\n  ".join(problems[:list_errors]) + more)
     if not rows:
         raise DataError(f"{path}: dataset file has no rows")
     return rows
+
+
+def _row_problem(row, required: tuple[str, ...]) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [k for k in required if k not in row or row[k] is None or str(row[k]).strip() == ""]
+    return f"missing or empty field {', '.join(map(repr, missing))}" if missing else None
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

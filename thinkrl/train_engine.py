@@ -52,6 +52,8 @@ class DistConfig:
     master_port: int = 29500
     zero_stage: int = 1
     micro_batches_per_step: int = 1
+    # recompute each decoder layer's activations in backward: memory for long sequences, ~1/3 more compute
+    gradient_checkpointing: bool = False
 
 
 def lr_lambda(optim: OptimConfig):
@@ -106,10 +108,13 @@ class TrainEngine:
         self.rank, self.world_size = dist.rank, dist.world_size
         self.dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         model = load_causal_lm(model_path, self.dtype)
+        if dist.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.tokenizer = load_tokenizer(model_path)
         self.logprob_chunk_tokens = logprob_chunk_tokens
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+            model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+            fused=self.device.type == "cuda",  # one kernel for all parameters instead of several per tensor
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
         ds_config = {
@@ -198,6 +203,16 @@ class TrainEngine:
         self.engine.load_checkpoint(str(in_dir), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: works with frozen inputs).
+
+    transformers checkpoints only in training mode, and `from_pretrained` returns a model in eval mode.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+
+
 def checkpoint_format(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` under the names and layout of a saved checkpoint, which is what vLLM's loaders expect.
 
@@ -256,15 +271,83 @@ def token_logprobs(module, input_ids_B_T: torch.Tensor, attention_mask_B_T: torc
     rows, cols = select_B_T.nonzero(as_tuple=True)
     hidden_N_H = hidden_B_T_H[rows, cols - 1]
     targets_N = input_ids_B_T[rows, cols]
-    head = module.get_output_embeddings()
+    logp_N = head_logprobs(module.get_output_embeddings(), hidden_N_H, targets_N, chunk_tokens)
+    out_B_T = torch.zeros(input_ids_B_T.shape, dtype=torch.float32, device=device)
+    return out_B_T.index_put((rows, cols), logp_N)
+
+
+def head_logprobs(head, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """log softmax(head(hidden))[target] per row, float32 [N], never holding more than chunk x V logits.
+
+    A plain linear head goes through `_ChunkedTargetLogprob`, which recomputes each chunk's logits in
+    the backward pass. Any other head (or one whose weight ZeRO-3 has partitioned, so that only the
+    module's own hooks can gather it) is called chunk by chunk: bounded without gradients, but autograd
+    then keeps every chunk's logits for the backward pass.
+    """
+    if hidden_N_H.shape[0] == 0:
+        return hidden_N_H.new_zeros(0, dtype=torch.float32)
+    weight = getattr(head, "weight", None)
+    if isinstance(head, torch.nn.Linear) and weight is not None and not hasattr(weight, "ds_id"):
+        return _ChunkedTargetLogprob.apply(hidden_N_H, weight, head.bias, targets_N, chunk_tokens)
     pieces = []
     for start in range(0, hidden_N_H.shape[0], chunk_tokens):
         logits = head(hidden_N_H[start : start + chunk_tokens]).float()
         chosen = logits.gather(-1, targets_N[start : start + chunk_tokens, None]).squeeze(-1)
         pieces.append(chosen - torch.logsumexp(logits, dim=-1))
-    logp_N = torch.cat(pieces) if pieces else hidden_N_H.new_zeros(0, dtype=torch.float32)
-    out_B_T = torch.zeros(input_ids_B_T.shape, dtype=torch.float32, device=device)
-    return out_B_T.index_put((rows, cols), logp_N)
+    return torch.cat(pieces)
+
+
+class _ChunkedTargetLogprob(torch.autograd.Function):
+    """log softmax(hidden @ W.T + b)[target], chunk by chunk in the forward and the backward pass.
+
+    Differentiating a chunked loop with autograd keeps every chunk's float32 logits until backward, so
+    the [N, V] matrix is alive at once after all. This saves only its inputs and each row's logsumexp
+    and recomputes a chunk's logits in backward: d logp / d logits = onehot(target) - softmax(logits).
+    Peak extra memory is a few chunk x V buffers, whatever N is.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_N_H, weight_V_H, bias_V, targets_N, chunk_tokens):
+        n = hidden_N_H.shape[0]
+        logp_N = torch.empty(n, dtype=torch.float32, device=hidden_N_H.device)
+        lse_N = torch.empty(n, dtype=torch.float32, device=hidden_N_H.device)
+        for start in range(0, n, chunk_tokens):
+            end = min(n, start + chunk_tokens)
+            logits_C_V = torch.nn.functional.linear(hidden_N_H[start:end], weight_V_H, bias_V).float()
+            lse_N[start:end] = torch.logsumexp(logits_C_V, dim=-1)
+            logp_N[start:end] = logits_C_V.gather(-1, targets_N[start:end, None]).squeeze(-1) - lse_N[start:end]
+        ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse_N)
+        ctx.chunk_tokens = chunk_tokens
+        return logp_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        hidden_N_H, weight_V_H, bias_V, targets_N, lse_N = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden_N_H) if need_hidden else None
+        # accumulated over chunks in float32 even for bf16 weights, cast once at the end
+        grad_weight = torch.zeros(weight_V_H.shape, dtype=torch.float32, device=weight_V_H.device) if need_weight else None
+        grad_bias = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if need_bias else None
+        n = hidden_N_H.shape[0]
+        for start in range(0, n, ctx.chunk_tokens):
+            end = min(n, start + ctx.chunk_tokens)
+            h_C_H, g_C = hidden_N_H[start:end], grad_N[start:end].float()
+            logits_C_V = torch.nn.functional.linear(h_C_H, weight_V_H, bias_V).float()
+            # d/d logits of g * logp = g * (onehot - softmax), built in the logits' buffer
+            dlogits_C_V = logits_C_V.sub_(lse_N[start:end, None]).exp_().mul_(-g_C[:, None])
+            dlogits_C_V.scatter_add_(-1, targets_N[start:end, None], g_C[:, None])
+            if need_bias:
+                grad_bias += dlogits_C_V.sum(0)
+            dlogits_C_V = dlogits_C_V.to(hidden_N_H.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = dlogits_C_V @ weight_V_H
+            if need_weight:
+                grad_weight += dlogits_C_V.T @ h_C_H
+        if need_weight:
+            grad_weight = grad_weight.to(weight_V_H.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias_V.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def block_diagonal_mask(position_ids_B_T: torch.Tensor) -> torch.Tensor:
