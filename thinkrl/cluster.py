@@ -24,8 +24,11 @@ def actor_env() -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if not torch.cuda.is_available():
         # Ray gives actors without a CPU reservation one OpenMP thread; the trainer and the engines take
-        # turns (the loop is synchronous), so each may use every core while it works.
-        env.update(DS_ACCELERATOR="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(os.cpu_count() or 1))
+        # turns (the loop is synchronous), so each may use every core while it works. vLLM pins its
+        # worker's threads to cores unless told otherwise: measured here, 256 samples decode in 4.0 s
+        # pinned vs 5.5-5.9 s with VLLM_CPU_OMP_THREADS_BIND=nobind (a value set by the user is kept).
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(os.cpu_count() or 1),
+                   VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
     for key in ("VLLM_CPU_KVCACHE_SPACE", "THINKRL_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
