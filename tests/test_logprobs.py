@@ -53,6 +53,20 @@ def test_chunked_head_gradcheck():
     assert torch.autograd.gradcheck(f, (hidden, weight, bias), eps=1e-3, atol=1e-2, rtol=1e-2)
 
 
+def _saved_bytes(fn):
+    """(fn(), bytes of the tensors autograd saved for backward while fn ran)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
 def test_backward_never_keeps_the_whole_logits():
     """What autograd saves for backward: the plain loop keeps N x V floats, the chunked head a few rows."""
     n, h, v, chunk = 512, 16, 2048, 64
@@ -61,16 +75,7 @@ def test_backward_never_keeps_the_whole_logits():
     targets = torch.randint(0, v, (n,))
 
     def saved_bytes(fn):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return total
+        return _saved_bytes(fn)[1]
 
     full_logits = n * v * 4
     chunked = saved_bytes(lambda: head_logprobs(head, hidden, targets, chunk_tokens=chunk))
@@ -123,15 +128,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         model = load_causal_lm(path)  # eval mode, as from_pretrained returns it
         if checkpointing:
             enable_gradient_checkpointing(model)
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logp = token_logprobs(model, ids, attn, target, chunk_tokens=8)
+        logp, total = _saved_bytes(lambda m=model: token_logprobs(m, ids, attn, target, chunk_tokens=8))
         logp.sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
         saved.append(total)
