@@ -44,9 +44,8 @@ def setup_env() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("THINKRL_CACHE", str(WORK_DIR / "cache"))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # as thinkrl's actors have it (thinkrl.cluster.actor_env): an engine in this process (TRL's vLLM mode,
-    # the raw baseline) must not pin the process's threads, which the HF trainer here also uses
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # VLLM_CPU_OMP_THREADS_BIND is left alone: thinkrl's engines pin their worker threads as they do for
+    # users (thinkrl.cluster.actor_env); TRL's in-process vLLM sets its own (bench/contenders.py)
 
 
 def init_ray() -> None:

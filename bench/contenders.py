@@ -48,8 +48,7 @@ class ThinkrlLoop:
         self.loop = Loop(recipe, run, self.trainers, self.engines, self.pool,
                          build_sampler(recipe.sampler, run.train_rows, recipe.run.seed),
                          [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
-                         PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
-                                     log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer),
+                         PMDSettings.from_recipe(rl),
                          probe_ids, len(self.heldout_prompts[0]), shm / f"thinkrl-bench-{os.getpid()}.safetensors")
         self.done = 0
 
@@ -108,6 +107,8 @@ class TrlLoop:
     """TRL GRPOTrainer (HF generate, or its vLLM mode) parked between iterations in a background thread."""
 
     def __init__(self, recipe, run, model_path: Path, out_dir: Path, iterations: int, use_vllm: bool = False) -> None:
+        import os
+
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
@@ -159,6 +160,10 @@ class TrlLoop:
             use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=ro.gpu_memory_utilization,
             vllm_max_model_length=ro.max_model_len,
         )
+        if use_vllm:
+            # TRL runs vLLM inside this process (external_launcher): pinning its threads would pin the HF
+            # trainer's and the benchmark driver's too, so its engine runs unpinned
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype="float32")
         self.trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
                                    train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(model_path),

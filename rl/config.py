@@ -87,6 +87,10 @@ class RLConfig(Strict):
     baseline: Literal["mean", "logsumexp"] = "mean"
     log_ratio_norm: Literal["sequence", "token"] = Field("sequence", description="paper: sequence")
     reset_optimizer: bool = Field(True, description="k1.5 resets the optimizer every iteration")
+    old_logprobs: Literal["trainer", "rollout"] = Field(
+        "trainer", description="log pi_theta_i of the KL term: the trainer's own (exact; one no-grad pass over all "
+        "but the first mini-batch) or vLLM's sampled-token log-probs (no pass; only where engine and trainer "
+        "compute alike, e.g. float32 on CPU: watch sync/logprob_gap_rollout_vs_trainer)")
     drop_uniform_groups: bool = Field(
         False, description="leave prompt groups whose k rewards are all equal out of the update (under the mean "
         "baseline they carry no policy-gradient signal); counted in metrics either way")

@@ -402,8 +402,7 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
     with RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures) as reward_set:
         loop = Loop(recipe, run, trainers, engines, reward_set, sampler,
                     [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
-                    PMDSettings(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline,
-                                log_ratio_norm=rl.log_ratio_norm, reset_optimizer=rl.reset_optimizer),
+                    PMDSettings.from_recipe(rl),
                     probe_ids, len(heldout_prompts[0]), sync_dir / f"thinkrl-{os.getpid()}-weights.safetensors",
                     probe_gap(trainers, engines, probe_ids, len(heldout_prompts[0])))
         log(f"[rl] probe gap on identical weights: {loop.probe_baseline:.1e} (a sync may add at most "

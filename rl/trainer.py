@@ -1,9 +1,13 @@
 """The PMD trainer: one Ray actor per device, each a DeepSpeed rank (see thinkrl.train_engine).
 
 Per iteration the driver hands every rank its share of the iteration's samples (whole prompt groups,
-so the per-group baseline is exact). A rank first recomputes log pi_theta_i of every sample under the
-current weights (the reference of this iteration's KL term, never vLLM's numbers), then takes
-`mini_batches` optimizer steps on the PMD loss, one per mini-batch of groups.
+so the per-group baseline is exact). The rank needs log pi_theta_i of every sample (the reference of
+this iteration's KL term), then takes `mini_batches` optimizer steps on the PMD loss, one per
+mini-batch of groups. With `old_logprobs="trainer"` (the default) log pi_theta_i is the trainer's own:
+the first mini-batch's forward pass runs under theta_i, so only the other mini-batches are recomputed in
+a no-grad pass. With `old_logprobs="rollout"` it is vLLM's log-probs of the sampled tokens (raw model
+log-probs, before temperature) and no pass is recomputed; right where engine and trainer compute alike
+(float32 on CPU: the gap is measured every iteration on the first mini-batch), not under bf16.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ class PMDSettings:
     log_ratio_norm: str = "sequence"  # or "token"
     reset_optimizer: bool = True
     logprob_batch_size: int = 64  # sequences per no-grad forward when recomputing log pi_theta_i
+    old_logprobs: str = "trainer"  # where log pi_theta_i comes from: "trainer" or "rollout" (vLLM's)
+
+    @classmethod
+    def from_recipe(cls, rl) -> PMDSettings:
+        """The settings of an `rl:` recipe section (rl.config.RLConfig)."""
+        return cls(tau=rl.tau, mini_batches=rl.mini_batches, baseline=rl.baseline, log_ratio_norm=rl.log_ratio_norm,
+                   reset_optimizer=rl.reset_optimizer, old_logprobs=rl.old_logprobs)
 
 
 class PMDWorker:
@@ -61,26 +72,31 @@ class PMDWorker:
         return token_logp_B_T.sum(-1), token_logp_B_T
 
     def update(self, samples: list[Sample], settings: PMDSettings) -> dict[str, float]:
-        """Recompute log pi_theta_i, then take `settings.mini_batches` PMD steps. Returns statistics."""
+        """Take `settings.mini_batches` PMD steps on `samples` (log pi_theta_i as above). Returns statistics."""
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": [], "lr": []}
+        if settings.old_logprobs not in ("trainer", "rollout"):
+            raise ValueError(f"old_logprobs must be 'trainer' or 'rollout', not {settings.old_logprobs!r}")
+        groups = sorted({s.group for s in samples})
+        self.rng.shuffle(groups)
+        first = set(groups[0 :: settings.mini_batches])  # stepped first, while the weights are still theta_i
+        index_of = {id(s): i for i, s in enumerate(samples)}
+        logp_old = torch.zeros(len(samples))
+        gaps: list[float] = []
         started = time.perf_counter()
-        with torch.no_grad():
-            logp_old = torch.zeros(len(samples))
-            gaps = []
-            for start in range(0, len(samples), settings.logprob_batch_size):
-                chunk = samples[start : start + settings.logprob_batch_size]
-                seq_logp, token_logp_B_T = self._sequence_logprobs(chunk)
-                logp_old[start : start + len(chunk)] = seq_logp.cpu()
-                for row, s in zip(token_logp_B_T.cpu(), chunk, strict=True):
-                    start_pos = len(s.prompt_ids)
-                    trainer_tok = row[start_pos : start_pos + len(s.response_ids)]
-                    gaps.append((trainer_tok - torch.tensor(s.rollout_logprobs)).abs().mean().item())
+        if settings.old_logprobs == "rollout":
+            for i, s in enumerate(samples):
+                logp_old[i] = sum(s.rollout_logprobs)
+        else:
+            rest = [s for s in samples if s.group not in first]
+            with torch.no_grad():
+                for start in range(0, len(rest), settings.logprob_batch_size):
+                    chunk = rest[start : start + settings.logprob_batch_size]
+                    seq_logp, token_logp_B_T = self._sequence_logprobs(chunk)
+                    logp_old[[index_of[id(s)] for s in chunk]] = seq_logp.cpu()
+                    gaps.extend(_rollout_gaps(token_logp_B_T, chunk))
         logprobs_seconds = time.perf_counter() - started
         if settings.reset_optimizer:
             self.engine.reset_optimizer()
-        groups = sorted({s.group for s in samples})
-        self.rng.shuffle(groups)
-        index_of = {id(s): i for i, s in enumerate(samples)}
         log_ratios: list[float] = []
         for step in range(settings.mini_batches):
             chosen = groups[step :: settings.mini_batches]
@@ -93,8 +109,12 @@ class PMDWorker:
             # per group), as DeepSpeed was configured
             micro = [[s for s in batch if s.group in set(chosen[i :: self.accumulation])] for i in range(self.accumulation)]
             for chunk in micro:
-                logp, _ = self._sequence_logprobs(chunk)
+                logp, token_logp_B_T = self._sequence_logprobs(chunk)
                 idx = torch.tensor([index_of[id(s)] for s in chunk])
+                if step == 0:  # under theta_i: this forward is also log pi_theta_i's, and the gap's
+                    gaps.extend(_rollout_gaps(token_logp_B_T.detach(), chunk))
+                    if settings.old_logprobs == "trainer":
+                        logp_old[idx] = logp.detach().cpu()
                 old = logp_old[idx].to(logp.device)
                 n_tokens = torch.tensor([len(s.response_ids) for s in chunk], device=logp.device)
                 loss = pmd_loss(
@@ -116,7 +136,7 @@ class PMDWorker:
                 log_ratios.extend((logp.detach() - old).tolist())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["logprob_gap_vllm_trainer"] = sum(gaps) / max(1, len(gaps))
-        out["time_logprobs"] = logprobs_seconds  # recomputing log pi_theta_i, inside time/update
+        out["time_logprobs"] = logprobs_seconds  # the no-grad pass for log pi_theta_i, inside time/update
         if log_ratios:
             t = torch.tensor(log_ratios)
             out["log_ratio_mean"] = t.mean().item()
@@ -146,3 +166,13 @@ class PMDWorker:
         self.engine.load_state(in_dir)
         version, internal, gauss = worker_state["worker_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+
+
+def _rollout_gaps(token_logp_B_T: torch.Tensor, samples: list[Sample]) -> list[float]:
+    """Mean |trainer - vLLM| log-prob over each sample's response tokens."""
+    gaps = []
+    for row, s in zip(token_logp_B_T.cpu(), samples, strict=True):
+        if s.rollout_logprobs:
+            start = len(s.prompt_ids)
+            gaps.append((row[start : start + len(s.response_ids)] - torch.tensor(s.rollout_logprobs)).abs().mean().item())
+    return gaps

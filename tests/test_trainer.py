@@ -55,6 +55,23 @@ def test_equal_rewards_give_no_update(worker):
     assert stats["grad_norm"] == pytest.approx(0.0, abs=1e-8)
 
 
+@pytest.mark.parametrize("old_logprobs", ["trainer", "rollout"])
+def test_old_logprobs_match_each_sample_across_mini_batches(worker, old_logprobs):
+    """Equal rewards give a zero gradient, so the weights stay theta_i through both mini-batches: every
+    log-ratio must then be ~0, which holds only if each sample got its own log pi_theta_i, whether from
+    the first mini-batch's forward, the no-grad pass over the second, or vLLM's numbers."""
+    from dataclasses import replace
+
+    from rl.trainer import PMDSettings
+
+    samples = [replace(s, group=i // 2) for i, s in enumerate(_samples(worker, [1.0, 1.0, 1.0, 1.0]))]
+    stats = worker.update(samples, PMDSettings(tau=0.1, mini_batches=2, old_logprobs=old_logprobs))
+    assert stats["log_ratio_abs_max"] < 1e-4
+    assert stats["logprob_gap_vllm_trainer"] < 1e-4
+    with pytest.raises(ValueError, match="old_logprobs"):
+        worker.update(samples, PMDSettings(tau=0.1, mini_batches=2, old_logprobs="engine"))
+
+
 def test_exported_weights_load_into_transformers(worker, tmp_path):
     from safetensors.torch import load_file
 
