@@ -153,11 +153,14 @@ def main(argv=None) -> int:
     logits_mib = args.seq_len * args.vocab * 4 / 2**20
 
     recipe, run, sft_dir = tiny_run("tiny-dense", args.sft_steps)
-    from sft.data import encode_rows
-    from thinkrl.fileio import read_jsonl
+    from sft.train import load_sft_examples
 
-    sft_rows = read_jsonl(run.dir / "data" / "sft.jsonl")
-    examples = run.sft_examples or encode_rows(run.tokenizer, sft_rows, "sft.jsonl", recipe.sft.max_seq_len).examples
+    examples = run.sft_examples
+    if not examples:  # the warmup ran before: the tiny recipe's data is the builder's output in the run
+        sft = recipe.sft
+        if not sft.data_file:
+            sft = sft.model_copy(update={"data_file": str(run.dir / "data" / "sft-cot" / "data.jsonl")})
+        examples, _ = load_sft_examples(sft, run.tokenizer)
     sft_lengths = [len(e.input_ids) for e in examples]
     shares = {"sft": packing_shares(sft_lengths, recipe.sft.batch_size, recipe.sft.max_seq_len)}
     rollout_file = RESULTS_DIR / "rollout_efficiency.json"

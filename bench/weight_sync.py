@@ -79,10 +79,10 @@ def measure(model_path: Path, reps: int) -> dict:
     from thinkrl.train_engine import DistConfig, OptimConfig
 
     trainers = trainer_group(PMDWorker, 1, lambda r, a, p: (str(model_path), OptimConfig(lr=1e-5),
-                                                             DistConfig(r, 1, a, p, 1), 0))
+                                                             DistConfig(r, 1, a, p, 1), 0), wait=False)
     engine = remote_actor(RolloutEngine).remote(EngineSettings(model_path=str(model_path), enforce_eager=True,
                                                                max_model_len=512, gpu_memory_utilization=0.15))
-    ray.get(engine.__ray_ready__.remote())
+    ray.get([a.__ray_ready__.remote() for a in [*trainers, engine]])  # both start at once, as in rl.train
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else WORK_DIR
     sync_file = shm / f"thinkrl-bench-sync-{model_path.name}.safetensors"
     totals, exports, loads = [], [], []

@@ -33,4 +33,29 @@ class WeightLoaderExtension:
             self.model_runner.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
         finally:
             reload_log.setLevel(level)
+        _repack_cpu_moe_experts(self.model_runner.model)
         return len(state)
+
+
+def _repack_cpu_moe_experts(model) -> int:
+    """Redo the CPU MoE kernels' weight prepacking after an in-place reload; returns the layers repacked.
+
+    vLLM (0.32) prepacks fused-MoE expert weights for its CPU grouped GEMM only when the kernel is first
+    built: on a weight update `UnquantizedFusedMoEMethod._setup_kernel` skips
+    `fused_experts.process_weights_after_loading`, so the reloaded experts stay in checkpoint layout
+    while the kernel reads them as packed, and the engine silently serves wrong expert weights (measured
+    on the tiny MoE: after one sync the probe's log-probs were 0.26 off the trainer's). Running that
+    step once more on each MoE layer packs the new weights. GPU kernels need no prepacking.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    repacked = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and hasattr(module, "w13_weight"):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
