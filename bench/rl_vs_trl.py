@@ -56,8 +56,10 @@ def main(argv=None) -> int:
     setup_env()
     from contenders import ThinkrlLoop, TrlLoop
 
+    # TRL draws prompts uniformly at random: thinkrl does too here, so both see the same prompt
+    # distribution (the tiny recipe's curriculum is compared with uniform sampling in bench/samplers.py)
     overrides = (f"rl.prompts_per_iteration={args.prompts}", f"rl.samples_per_prompt={args.k}",
-                 f"rollout.max_tokens={args.max_tokens}", f"eval.max_tokens={args.max_tokens}")
+                 f"rollout.max_tokens={args.max_tokens}", f"eval.max_tokens={args.max_tokens}", "sampler.kind=uniform")
     # the engine as the recipe builds it (torch.compile on): TRL's vLLM mode compiles too
     t0 = time.time()
     recipe, run, sft_dir = tiny_run(args.model, args.sft_steps, overrides)

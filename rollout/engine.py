@@ -88,6 +88,9 @@ class RolloutEngine:
                 # the sampled tokens' log-probs as flat float lists, not one dict of Logprob objects per
                 # token (those cost Python object churn and GC on the engine's output path)
                 flat_logprobs=True,
+                # no incremental detokenization in the engine's output loop (per request, per step): the
+                # texts are decoded once below, in one batch (measured here: ~5-8% more tokens/s)
+                detokenize=False,
                 # per-request seeds fail on vLLM's CPU backend ("CPU Generator does not use offset");
                 # there the engine's seed alone makes sampling reproducible
                 seed=None if settings.seed is None or self.is_cpu else settings.seed + i,
@@ -95,13 +98,10 @@ class RolloutEngine:
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        results = []
-        for out in outputs:
-            group = []
-            for c in out.outputs:
-                group.append(Completion(list(c.token_ids), sampled_logprobs(c), c.text, c.finish_reason or "length"))
-            results.append(group)
-        return results
+        texts = iter(self.llm.get_tokenizer().batch_decode([list(c.token_ids) for out in outputs for c in out.outputs],
+                                                           skip_special_tokens=True))
+        return [[Completion(list(c.token_ids), sampled_logprobs(c), next(texts), c.finish_reason or "length")
+                 for c in out.outputs] for out in outputs]
 
     def prompt_logprobs(self, token_ids: list[int], start: int) -> list[float]:
         """log p(token_t | tokens_<t) for t >= start, as this engine computes them (the sync probe)."""

@@ -9,20 +9,28 @@ pytestmark = pytest.mark.integration
 
 SERVE = r"""
 import sys
-from vllm import LLM, SamplingParams
+from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
+from rollout.engine import EngineSettings, RolloutEngine, RolloutSettings
 from thinkrl.models import build_tiny_model, load_tokenizer
 from thinkrl.chat import prompt_ids
 
 if __name__ == "__main__":
     path = build_tiny_model(sys.argv[1], sys.argv[2])
     tok = load_tokenizer(path)
-    llm = LLM(model=str(path), dtype="float32", max_model_len=256, enforce_eager=True,
-              gpu_memory_utilization=0.15)
-    out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, "1+2=?"))],
-                       SamplingParams(max_tokens=8, temperature=1.0, logprobs=0))[0].outputs[0]
-    assert len(out.token_ids) >= 1 and len(out.logprobs) == len(out.token_ids)
-    print("SERVED", len(out.token_ids))
+    engine = RolloutEngine(EngineSettings(model_path=str(path), max_model_len=256, enforce_eager=True,
+                                          gpu_memory_utilization=0.15))
+    prompt = prompt_ids(tok, "1+2=?")
+    [[c]] = engine.generate([prompt], RolloutSettings(n=1, temperature=0.0, max_tokens=24))
+    # the rollout layer (no detokenization in the engine, texts decoded in one batch, flat log-probs)
+    # returns what vLLM's own output path returns for the same greedy request
+    ref = engine.llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                              SamplingParams(max_tokens=24, temperature=0.0, logprobs=0), use_tqdm=False)[0].outputs[0]
+    assert c.token_ids == list(ref.token_ids) and len(c.token_ids) >= 1, (c.token_ids, ref.token_ids)
+    assert c.text == ref.text, (c.text, ref.text)
+    ref_lp = [entry[t].logprob for t, entry in zip(ref.token_ids, ref.logprobs)]
+    assert max(abs(a - b) for a, b in zip(c.logprobs, ref_lp)) < 1e-5 and len(c.logprobs) == len(ref_lp)
+    print("SERVED", len(c.token_ids))
 """
 
 # The weight sync's contract: an engine that loaded new weights in place serves exactly what an engine
