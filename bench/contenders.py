@@ -30,7 +30,7 @@ class ThinkrlLoop:
         import os
 
         from rewards.combine import RewardSet
-        from rl.train import Loop, start_actors
+        from rl.train import Loop, check_old_logprobs, probe_gap, start_actors
         from rl.trainer import PMDSettings
         from samplers import build_sampler
         from thinkrl.chat import prompt_ids
@@ -49,7 +49,9 @@ class ThinkrlLoop:
                          build_sampler(recipe.sampler, run.train_rows, recipe.run.seed),
                          [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
                          PMDSettings.from_recipe(rl),
-                         probe_ids, len(self.heldout_prompts[0]), shm / f"thinkrl-bench-{os.getpid()}.safetensors")
+                         probe_ids, len(self.heldout_prompts[0]), shm / f"thinkrl-bench-{os.getpid()}.safetensors",
+                         probe_gap(self.trainers, self.engines, probe_ids, len(self.heldout_prompts[0])))
+        check_old_logprobs(rl, self.loop.probe_baseline)
         self.done = 0
 
     def iteration(self) -> dict[str, Any]:

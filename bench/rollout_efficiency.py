@@ -5,9 +5,11 @@
 thinkrl's side is what the RL driver calls: `rl.train.generate` over the `RolloutEngine` Ray actor, k
 samples per prompt with per-token log-probs, results shipped back to the driver as `Completion`s. The
 baseline is a bare `vllm.LLM` in this process on the same checkpoint (the tiny recipe's SFT warmup, so
-lengths are the real ones), the same prompts, n, max tokens, temperature and engine settings, asked for
-no log-probs at all: the ratio therefore charges thinkrl for everything it adds (Ray hop, log-prob
-extraction, conversion), which is the point. Both engines are alive at once and called alternately.
+lengths are the real ones), the same prompts, n, max tokens, temperature and engine settings, called
+with vLLM's default output settings, twice: asking for the sampled tokens' log-probs as thinkrl does
+(`logprobs=0`: the same request, so the ratio is what thinkrl's layer adds or saves: Ray hop,
+conversion, its own output settings), and asking for none (the ratio then also charges thinkrl for the
+log-probs themselves). All three are called in rotation while every engine is alive.
 
 The prompt and response lengths of the samples are saved too; bench/trainer_efficiency.py uses them as
 the tiny recipe's real length distribution.
@@ -50,10 +52,10 @@ def main(argv=None) -> int:
     engine_settings = EngineSettings(model_path=str(sft_dir), seed=0, max_model_len=ro.max_model_len,
                                      enforce_eager=True, gpu_memory_utilization=ro.gpu_memory_utilization,
                                      cpu_kv_cache_gb=ro.cpu_kv_cache_gb)
-    engine = remote_actor(RolloutEngine).remote(engine_settings)
-    ray.get(engine.__ray_ready__.remote())
+    engine = remote_actor(RolloutEngine).remote(engine_settings)  # starts while the raw engine does
     raw = LLM(model=str(sft_dir), seed=0, dtype="float32", max_model_len=ro.max_model_len, enforce_eager=True,
               gpu_memory_utilization=ro.gpu_memory_utilization)
+    ray.get(engine.__ray_ready__.remote())
     tok = run.tokenizer
     prompt_sets = [[prompt_ids(tok, r["prompt"]) for r in run.train_rows[i * args.prompts:(i + 1) * args.prompts]]
                    for i in range(args.reps + 1)]
@@ -68,32 +70,41 @@ def main(argv=None) -> int:
         lengths.extend([len(pr), len(c.token_ids)] for pr, g in zip(prompts, groups, strict=True) for c in g)
         return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
-    def raw_call(prompts) -> dict:
-        params = SamplingParams(n=args.k, temperature=ro.temperature, top_p=ro.top_p, max_tokens=args.max_tokens)
+    def raw_call(prompts, logprobs: bool) -> dict:
+        params = SamplingParams(n=args.k, temperature=ro.temperature, top_p=ro.top_p, max_tokens=args.max_tokens,
+                                logprobs=0 if logprobs else None)
         start = time.perf_counter()
         outs = raw.generate([TokensPrompt(prompt_token_ids=pr) for pr in prompts], params, use_tqdm=False)
         wall = time.perf_counter() - start
         tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
         return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
-    thinkrl_call(prompt_sets[0])  # warm-up, not counted
-    raw_call(prompt_sets[0])
+    calls = {"thinkrl": thinkrl_call, "raw_vllm_logprobs": lambda pr: raw_call(pr, True),
+             "raw_vllm": lambda pr: raw_call(pr, False)}
+    for fn in calls.values():  # warm-up, not counted
+        fn(prompt_sets[0])
     lengths.clear()
-    runs: dict[str, list[dict]] = {"thinkrl": [], "raw_vllm": []}
+    runs: dict[str, list[dict]] = {name: [] for name in calls}
     for rep in range(args.reps):
-        order = [("thinkrl", thinkrl_call), ("raw_vllm", raw_call)]
+        order = list(calls.items())
         for name, fn in (order if rep % 2 == 0 else order[::-1]):
             runs[name].append(fn(prompt_sets[rep + 1]))
             print(f"  rep {rep + 1}/{args.reps} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
-    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["thinkrl"], runs["raw_vllm"], strict=True)]
+
+    def ratios(baseline: str) -> dict:
+        values = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["thinkrl"], runs[baseline], strict=True)]
+        return {"values": values, **spread(values)}
+
     result = {"settings": {"prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
                            "temperature": ro.temperature, "sft_steps": args.sft_steps, "reps": args.reps},
-              "ratio": {"values": ratios, **spread(ratios)}, "runs": runs,
+              "ratio": ratios("raw_vllm_logprobs"), "ratio_vs_no_logprobs": ratios("raw_vllm"), "runs": runs,
               "lengths_prompt_response": lengths}
     write_result(args.name, result, command_line())
     ray.kill(engine)
-    r = result["ratio"]
-    print(f"[bench] rollout layer / raw vLLM tokens/s: median {r['median']:.3f} (min {r['min']:.3f}, max {r['max']:.3f})")
+    for key, label in (("ratio", "raw vLLM with log-probs"), ("ratio_vs_no_logprobs", "raw vLLM without log-probs")):
+        r = result[key]
+        print(f"[bench] rollout layer / {label}, tokens/s: median {r['median']:.3f} (min {r['min']:.3f}, "
+              f"max {r['max']:.3f})")
     return 0
 
 

@@ -160,6 +160,15 @@ def sync_weights(trainers, engines, sync_file: Path) -> float:
     return time.time() - start
 
 
+def check_old_logprobs(rl, probe_baseline: float) -> None:
+    """`rl.old_logprobs=rollout` trusts vLLM's log-probs as the trainer's: refuse it where they differ."""
+    if rl.old_logprobs == "rollout" and probe_baseline > rl.probe_tolerance:
+        raise ValueError(
+            f"rl.old_logprobs=rollout uses vLLM's log-probs as log pi_theta_i, but on identical weights they differ "
+            f"from the trainer's by {probe_baseline:.1e} per token (more than rl.probe_tolerance="
+            f"{rl.probe_tolerance:.0e}): set rl.old_logprobs=trainer for this model/dtype")
+
+
 def probe_gap(trainers, engines, probe_ids: list[int], prompt_len: int) -> float:
     """Max over engines of the mean |vLLM - trainer| log-prob on a fixed probe sequence."""
     import ray
@@ -407,6 +416,7 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
                     probe_gap(trainers, engines, probe_ids, len(heldout_prompts[0])))
         log(f"[rl] probe gap on identical weights: {loop.probe_baseline:.1e} (a sync may add at most "
             f"{rl.probe_tolerance:.0e})")
+        check_old_logprobs(rl, loop.probe_baseline)
         if "eval_before" not in state:
             t0 = time.time()
             state["eval_before"] = evaluate(engines, reward_set, heldout_prompts, run.heldout_rows, recipe, seed=10**6)

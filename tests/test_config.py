@@ -41,3 +41,14 @@ def test_unknown_override_and_bad_value_are_named():
 def test_files_task_needs_files(tmp_path):
     with pytest.raises(RecipeError, match="train_file"):
         load_recipe(Recipe, RECIPES[0], ["data.task=files"])
+
+
+def test_rollout_logprobs_refused_where_engine_and_trainer_differ():
+    from rl.config import RLConfig
+    from rl.train import check_old_logprobs
+
+    rollout = RLConfig(old_logprobs="rollout", probe_tolerance=1e-3)
+    check_old_logprobs(rollout, 5e-7)  # float32 tiny dense: accepted
+    with pytest.raises(ValueError, match=r"rl.old_logprobs=rollout .* 2.0e-02"):
+        check_old_logprobs(rollout, 2e-2)
+    check_old_logprobs(RLConfig(old_logprobs="trainer"), 2e-2)  # the trainer's own log-probs: always fine
