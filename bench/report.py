@@ -86,11 +86,14 @@ def plot_learning(results: list[dict]) -> bool:
 def section_throughput(out: list[str], status: dict) -> None:
     out.append("## 1. RL iteration throughput: thinkrl vs TRL GRPOTrainer\n")
     out.append("Response tokens generated *and trained* per wall-second of one RL iteration (generate, score, "
-               "recompute log-probs, optimizer steps, weight sync). Both loops start from the same SFT checkpoint "
-               "of the tiny recipe (so the lengths are its real, heavy-tailed distribution), see the same "
-               "prompts, k, max tokens, learning rate and optimizer steps per iteration, and are stepped "
-               "alternately in one process (bench/contenders.py). Ratio = thinkrl / TRL per adjacent pair. "
-               "Goal: >= 1.5 vs TRL with HF generation.\n")
+               "log-probs of the previous iterate, optimizer steps, weight sync). Both loops start from the same "
+               "SFT checkpoint of the tiny recipe (so the lengths are its real, heavy-tailed distribution), draw "
+               "prompts uniformly from the same set, and use the same k, max tokens, learning rate and optimizer "
+               "steps per iteration; they are stepped alternately in one process (bench/contenders.py). thinkrl "
+               "runs the tiny recipe's settings (for the dense model `rl.old_logprobs=rollout`: vLLM's log-probs "
+               "of the sampled tokens serve as log pi_theta_i, no recompute pass; TRL recomputes its old "
+               "log-probs in this configuration). Ratio = thinkrl / TRL per adjacent pair. Goal: >= 1.5 vs TRL "
+               "with HF generation.\n")
     for model in ("tiny-dense", "tiny-moe"):
         r = load(f"rl_throughput_{model}")
         out.append(f"### {model}\n")
@@ -136,11 +139,16 @@ def section_throughput(out: list[str], status: dict) -> None:
             out.append(f"{other} failed on this machine:\n")
             out.append("```\n" + err + "\n```\n")
     out.append("What limits the ratio: both sides run the same model on the same 2 cores, so the ratio measures "
-               "orchestration, not kernels. thinkrl's generation is continuous-batched (a finished sequence frees "
-               "its slot) while HF `generate` pads every sequence of the batch to the longest; thinkrl's actors "
-               "take turns on the cores (a synchronous loop), so the weight sync and probe, the Ray hops and "
-               "the reward pool are pure overhead that TRL does not pay (it has no separate engine). The stage "
-               "table says which of these is the next bottleneck.\n")
+               "orchestration, not kernels, and at these sizes HF `generate` is nearly as fast per token as "
+               "vLLM-CPU (vLLM runs its worker on one pinned core and keeps the other for its scheduler). thinkrl "
+               "gains from continuous batching (HF pads every sequence of a batch to its longest), from skipping "
+               "the recompute pass and from scoring in a process pool; it pays for the weight sync, the probe "
+               "and the Ray hops (a few percent, see the stage table). Half of its iteration is the update, the "
+               "same PyTorch model as TRL's: that is the next place to gain (its micro-batches are padded, not "
+               "packed: 0.80 non-padding share, section 4). TRL's vLLM mode runs its engine inside the "
+               "training process, unpinned (pinning there would pin the trainer too) and without torch.compile "
+               "(as thinkrl's engine), and is the slowest contender on this CPU; while it is loaded, thinkrl's "
+               "iterations are slower too, so that ratio is conservative.\n")
 
 
 def _median(xs: list[float]) -> float:
