@@ -117,7 +117,7 @@ def main() -> None:
         "cpu_ms_per_verification_in_process": cpu_ms,
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_1m_at_start": load_at_start, "load_avg_1m_at_end": os.getloadavg()[0]},
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join([".venv/bin/python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),  # no machine path
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")

@@ -85,6 +85,9 @@ class PMDWorker:
         started = time.perf_counter()
         if settings.old_logprobs == "rollout":
             for i, s in enumerate(samples):
+                if len(s.rollout_logprobs) != len(s.response_ids):
+                    raise ValueError(f"old_logprobs='rollout' needs a log-prob per response token: sample {i} has "
+                                     f"{len(s.rollout_logprobs)} for {len(s.response_ids)} tokens")
                 logp_old[i] = sum(s.rollout_logprobs)
         else:
             rest = [s for s in samples if s.group not in first]

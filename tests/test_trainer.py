@@ -70,6 +70,10 @@ def test_old_logprobs_match_each_sample_across_mini_batches(worker, old_logprobs
     assert stats["logprob_gap_vllm_trainer"] < 1e-4
     with pytest.raises(ValueError, match="old_logprobs"):
         worker.update(samples, PMDSettings(tau=0.1, mini_batches=2, old_logprobs="engine"))
+    if old_logprobs == "rollout":
+        with pytest.raises(ValueError, match="sample 0 has 0 for"):
+            worker.update([replace(samples[0], rollout_logprobs=[]), *samples[1:]],
+                          PMDSettings(tau=0.1, mini_batches=2, old_logprobs="rollout"))
 
 
 def test_exported_weights_load_into_transformers(worker, tmp_path):
