@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         # vLLM's CPU MLA attention differs from transformers' by ~1e-2 per token on the tiny MoE (the dense
         # model: ~5e-7), so the trainer recomputes log pi_theta_i and the sync probe gets a wider margin
         overrides += ("rl.old_logprobs=trainer", "rl.probe_tolerance=0.05")
-    # the engine as the recipe builds it (torch.compile on): TRL's vLLM mode compiles too
+    # the engine as the recipe builds it (the tiny recipe: without torch.compile; TRL's vLLM mode likewise,
+    # bench/contenders.py)
     t0 = time.time()
     recipe, run, sft_dir = tiny_run(args.model, args.sft_steps, overrides)
     init_ray()
