@@ -30,7 +30,7 @@ class ThinkrlLoop:
         import os
 
         from rewards.combine import RewardSet
-        from rl.train import Loop, check_old_logprobs, probe_gap, start_actors
+        from rl.train import Loop, probe_gap, start_actors
         from rl.trainer import PMDSettings
         from samplers import build_sampler
         from thinkrl.chat import prompt_ids
@@ -51,7 +51,6 @@ class ThinkrlLoop:
                          PMDSettings.from_recipe(rl),
                          probe_ids, len(self.heldout_prompts[0]), shm / f"thinkrl-bench-{os.getpid()}.safetensors",
                          probe_gap(self.trainers, self.engines, probe_ids, len(self.heldout_prompts[0])))
-        check_old_logprobs(rl, self.loop.probe_baseline)
         self.done = 0
 
     def iteration(self) -> dict[str, Any]:

@@ -225,30 +225,40 @@ def section_trainer(out: list[str], status: dict) -> None:
         out.append(missing("trainer_efficiency", status))
         return
     out.append(f"`{r['command']}`\n")
-    out.append("Share of the token slots of each micro-batch that hold real tokens (aim: >= 0.95 packed), on "
-               "the tiny recipe's real lengths:\n")
-    table_header(out, "| data | micro-batch | unpacked (min / median / max) | packed (min / median / max) | aim >= 0.95 |")
+    out.append("Share of the token slots of each micro-batch that hold real tokens (aim: >= 0.95), on the tiny "
+               "recipe's real lengths, in three layouts: one padded batch (unpacked), length buckets (sorted "
+               "runs, each padded to its own longest; `thinkrl.train_engine.length_buckets`, the RL trainer's "
+               "layout) and packed rows (`sft.packing`, the SFT warmup's layout):\n")
+    table_header(out, "| data | micro-batch | unpacked (min / median / max) | buckets (min / median / max) | "
+                      "packed (min / median / max) | aim >= 0.95 |")
     for name, x in r["non_padding_share"].items():
         label = {"sft": "SFT warmup conversations", "rl": "RL samples (prompt + response)"}.get(name, name)
         if "pending" in x:
-            out.append(f"| {label} | | {x['pending']} | | |")
+            out.append(f"| {label} | | {x['pending']} | | | |")
             continue
-        u, p = x["unpacked"], x["packed"]
-        out.append(f"| {label} | {x['micro_batch_sequences']} sequences, budget {x['pack_budget']} | "
-                   f"{u['min']:.3f} / **{u['median']:.3f}** / {u['max']:.3f} | {p['min']:.3f} / **{p['median']:.3f}**"
-                   f" / {p['max']:.3f} | {goal(p['median'] >= 0.95)} |")
+        cells = " | ".join(f"{v['min']:.3f} / **{v['median']:.3f}** / {v['max']:.3f}"
+                           for v in (x["unpacked"], x.get("buckets"), x["packed"]) if v)
+        used = x["buckets"] if name == "rl" and "buckets" in x else x["packed"]
+        out.append(f"| {label} | {x['micro_batch_sequences']} sequences, budget {x['pack_budget']} | {cells} | "
+                   f"{goal(used['median'] >= 0.95)} ({'buckets' if used is not x['packed'] else 'packed'}) |")
     out.append("")
-    out.append("The RL trainer (`rl.trainer.PMDWorker`) pads today; the packed RL column is what "
-               "`sft.packing` would give it. Packed rows are padded to the longest row, so a step's last, "
-               "partly filled row is what keeps the packed share below 1.\n")
+    out.append("Packed rows are padded to the longest row, so a step's last, partly filled row keeps the packed "
+               "share below 1; buckets trade padding for more forward passes (each costs about "
+               f"{x.get('bucket_overhead_tokens', '?')} padded tokens here, the split minimises the sum).\n")
     t = r["trainer"]
-    out.append(f"Trainer tokens/s (TrainEngine forward + backward + step, tiny dense, SFT batches of "
-               f"{t['batch_examples']}): unpacked {t['unpacked_tokens_per_s']:.0f}, packed {t['packed_tokens_per_s']:.0f} "
-               f"real tokens/s (medians, for context); packed / unpacked {fmt_ratio(t['packed_over_unpacked'])}. "
-               "What limits packing's gain on CPU: a packed row needs an explicit block-diagonal [B, 1, T, T] "
-               "mask, which takes SDPA off its causal fast path, and packed rows are longer (attention is "
-               "quadratic in the row), so the gain is below the padding saved (1 / unpacked share); with "
-               "flash-attention's varlen kernels (GPU) the mask disappears.\n")
+    if "buckets_tokens_per_s" in t:
+        out.append(f"Trainer tokens/s (TrainEngine forward + backward + step, tiny dense, SFT batches of "
+                   f"{t['batch_examples']}): unpacked {t['unpacked_tokens_per_s']:.0f}, buckets "
+                   f"{t['buckets_tokens_per_s']:.0f}, packed {t['packed_tokens_per_s']:.0f} real tokens/s (medians, "
+                   f"for context); buckets / unpacked {fmt_ratio(t['buckets_over_unpacked'])}, packed / unpacked "
+                   f"{fmt_ratio(t['packed_over_unpacked'])}, buckets / packed {fmt_ratio(t['buckets_over_packed'])}. "
+                   "What limits packing's gain on CPU: a packed row needs an explicit block-diagonal [B, 1, T, T] "
+                   "mask, which takes SDPA off its causal fast path, and packed rows are longer (attention is "
+                   "quadratic in the row); buckets keep one sequence per row (the causal path) and pay per extra "
+                   "forward pass instead. With flash-attention's varlen kernels (GPU) the packing mask disappears.\n")
+    else:
+        out.append(f"Trainer tokens/s: unpacked {t['unpacked_tokens_per_s']:.0f}, packed {t['packed_tokens_per_s']:.0f}; "
+                   f"packed / unpacked {fmt_ratio(t['packed_over_unpacked'])}.\n")
     mem = r["logprob_memory"]
     out.append(f"Peak extra memory of `token_logprobs` on one sequence of {mem['seq_len']} tokens with a "
                f"{mem['vocab']}-token vocabulary (the full [T, V] float32 logits: {mem['full_logits_mib']:.0f} MiB):\n")
@@ -403,9 +413,15 @@ def summary() -> list[str]:
     if r:
         for name, x in r["non_padding_share"].items():
             if "packed" in x:
-                rows.append((f"4. non-padding share, packed ({name})", x["packed"], ">= 0.95", x["packed"]["median"] >= 0.95))
+                for layout in ("buckets", "packed"):
+                    if layout in x:
+                        rows.append((f"4. non-padding share, {layout} ({name})", x[layout], ">= 0.95",
+                                     x[layout]["median"] >= 0.95))
                 rows.append((f"4. non-padding share, unpacked ({name})", x["unpacked"], "", None))
-        rows.append(("4. trainer tokens/s, packed / unpacked", r["trainer"]["packed_over_unpacked"], "> 1", None))
+        for key in ("buckets_over_unpacked", "packed_over_unpacked", "buckets_over_packed"):
+            if key in r["trainer"]:
+                a, b = key.split("_over_")
+                rows.append((f"4. trainer tokens/s, {a} / {b}", r["trainer"][key], "> 1", None))
     r = load("rewards")
     if r and "speedup_2_over_1" in r:
         x = r["speedup_2_over_1"]

@@ -32,7 +32,7 @@ STEPS: dict[str, tuple[list[str], int]] = {
     "weight_sync": (["weight_sync.py", "--reps", "5"], 600),
     "rewards": (["rewards.py", "--samples", "200"], 300),  # benchmark 5, written by the rewards module's owner
     # the MoE warmup is cut short to fit the budget: its lengths are an early-SFT distribution
-    "rl_throughput_tiny-moe": (["rl_vs_trl.py", "--model", "tiny-moe", "--prompts", "16", "--reps", "5",
+    "rl_throughput_tiny-moe": (["rl_vs_trl.py", "--model", "tiny-moe", "--prompts", "8", "--reps", "5",
                                 "--sft-steps", "60"], 900),
 }
 

@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/trainer_efficiency.py
 
-1. Non-padding share of the token slots per micro-batch, unpacked (one sequence per row, right-padded to
-   the longest: what `rl.trainer.PMDWorker` and the unpacked SFT warmup feed the model) and packed
-   (`sft.packing.packed_batch`, first-fit decreasing into rows of at most the budget), on the tiny
-   recipe's real lengths: the SFT warmup's conversations (batches of `sft.batch_size`) and the RL
-   samples (prompt + response) of the SFT checkpoint that bench/rollout_efficiency.py recorded
-   (micro-batches of P*k / mini_batches sequences, as PMDWorker forms them).
+1. Non-padding share of the token slots per micro-batch in three layouts: unpacked (one sequence per
+   row, right-padded to the longest), length buckets (`thinkrl.train_engine.length_buckets`: sorted
+   runs, each padded to its own longest and run as its own forward pass; what `rl.trainer.PMDWorker`
+   feeds the model) and packed (`sft.packing.packed_batch`: several sequences per row, up to the
+   budget; the SFT warmup's layout), on the tiny recipe's real lengths: the SFT warmup's conversations
+   (batches of `sft.batch_size`) and the RL samples (prompt + response) of the SFT checkpoint that
+   bench/rollout_efficiency.py recorded (micro-batches of P*k / mini_batches sequences, as PMDWorker
+   forms them).
 2. Trainer tokens/s: forward + backward + optimizer step of `thinkrl.train_engine.TrainEngine` (the
-   DeepSpeed engine both stages use) on the tiny dense model, real tokens per second, unpacked vs packed
+   DeepSpeed engine both stages use) on the tiny dense model, real tokens per second, in the three
    layouts of the same SFT batches, interleaved, median of --reps.
 3. Peak memory of `thinkrl.train_engine.token_logprobs` on one long sequence with a large vocabulary,
    for chunk sizes from "the whole sequence at once" (the [T, V] logits materialised) down to small
@@ -72,55 +74,84 @@ def logprob_memory_child(seq_len: int, vocab: int, chunks: list[int]) -> dict:
 
 
 def packing_shares(lengths: list[int], group: int, budget: int) -> dict:
-    """Non-padding share of `lengths` cut into consecutive micro-batches of `group`, unpacked vs packed."""
+    """Non-padding share of `lengths` cut into consecutive micro-batches of `group`: one padded batch,
+    length buckets (`thinkrl.train_engine.length_buckets`, what PMDWorker feeds the model) and packed rows."""
     from sft.packing import non_padding_share, packed_batch, padded_batch
     from thinkrl.chat import EncodedConversation
+    from thinkrl.train_engine import BUCKET_OVERHEAD_TOKENS, length_buckets
 
-    unpacked, packed = [], []
+    unpacked, buckets, packed = [], [], []
     for start in range(0, len(lengths) - group + 1, group):
-        examples = [EncodedConversation([1] * n, [1] * n) for n in lengths[start:start + group]]
+        chunk = lengths[start:start + group]
+        examples = [EncodedConversation([1] * n, [1] * n) for n in chunk]
         unpacked.append(non_padding_share([padded_batch(examples, 0)]))
+        split = length_buckets(chunk, BUCKET_OVERHEAD_TOKENS)
+        buckets.append(sum(chunk) / sum(len(b) * max(chunk[i] for i in b) for b in split))
         packed.append(non_padding_share([packed_batch(examples, budget, 0)]))
     return {"micro_batch_sequences": group, "pack_budget": budget, "micro_batches": len(unpacked),
-            "unpacked": spread(unpacked), "packed": spread(packed)}
+            "bucket_overhead_tokens": BUCKET_OVERHEAD_TOKENS,
+            "unpacked": spread(unpacked), "buckets": spread(buckets), "packed": spread(packed)}
 
 
 def trainer_throughput(sft_dir: Path, examples: list, batch: int, budget: int, reps: int) -> dict:
-    """Real tokens/s of TrainEngine forward+backward+step, unpacked vs packed layouts of the same batches."""
+    """Real tokens/s of TrainEngine forward+backward+step on the same batches in three layouts: one padded
+    batch, length buckets (one forward each, one backward for the step: PMDWorker's layout) and packed
+    rows (SFT's)."""
     import os
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from sft.packing import packed_batch, padded_batch
     from thinkrl.cluster import free_port
-    from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine
+    from thinkrl.train_engine import (
+        BUCKET_OVERHEAD_TOKENS,
+        DistConfig,
+        OptimConfig,
+        TrainEngine,
+        length_buckets,
+    )
 
     engine = TrainEngine(str(sft_dir), OptimConfig(lr=1e-6), DistConfig(master_port=free_port()))
     pad = engine.tokenizer.pad_token_id
 
-    def step(layout) -> dict:
+    def layouts(name: str, examples: list) -> list:
+        if name == "unpacked":
+            return [padded_batch(examples, pad)]
+        if name == "packed":
+            return [packed_batch(examples, budget, pad)]
+        split = length_buckets([len(e.input_ids) for e in examples], BUCKET_OVERHEAD_TOKENS)
+        return [padded_batch([examples[i] for i in b], pad) for b in split]
+
+    def step(parts: list) -> dict:
         start = time.perf_counter()
-        logp = engine.token_logprobs(layout.input_ids_B_T, layout.attention_mask_B_T, layout.target_mask_B_T,
-                                     layout.position_ids_B_T)
-        engine.backward(-logp.sum() / max(1, int(layout.target_mask_B_T.sum())))
+        n_targets = max(1, sum(int(p.target_mask_B_T.sum()) for p in parts))
+        loss = 0.0
+        for p in parts:
+            logp = engine.token_logprobs(p.input_ids_B_T, p.attention_mask_B_T, p.target_mask_B_T, p.position_ids_B_T)
+            loss = loss - logp.sum() / n_targets
+        engine.backward(loss)
         engine.step()
         wall = time.perf_counter() - start
-        return {"tokens": layout.real_tokens, "slots": layout.slots, "wall_s": wall,
-                "tokens_per_s": layout.real_tokens / wall}
+        tokens = sum(p.real_tokens for p in parts)
+        return {"tokens": tokens, "slots": sum(p.slots for p in parts), "forwards": len(parts), "wall_s": wall,
+                "tokens_per_s": tokens / wall}
 
+    names = ["unpacked", "buckets", "packed"]
     batches = [examples[i * batch:(i + 1) * batch] for i in range(reps + 1)]
-    step(padded_batch(batches[0], pad))  # warm-up
-    step(packed_batch(batches[0], budget, pad))
-    runs: dict[str, list] = {"unpacked": [], "packed": []}
+    for name in names:  # warm-up
+        step(layouts(name, batches[0]))
+    runs: dict[str, list] = {name: [] for name in names}
     for rep in range(reps):
-        order = ["unpacked", "packed"] if rep % 2 == 0 else ["packed", "unpacked"]
-        for name in order:
-            layout = padded_batch(batches[rep + 1], pad) if name == "unpacked" else packed_batch(batches[rep + 1], budget, pad)
-            runs[name].append(step(layout))
-    ratios = [p["tokens_per_s"] / u["tokens_per_s"] for p, u in zip(runs["packed"], runs["unpacked"], strict=True)]
-    return {"batch_examples": batch, "pack_budget": budget, "runs": runs,
-            "unpacked_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs["unpacked"]),
-            "packed_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs["packed"]),
-            "packed_over_unpacked": {"values": ratios, **spread(ratios)}}
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            runs[name].append(step(layouts(name, batches[rep + 1])))
+
+    def ratio(a: str, b: str) -> dict:
+        values = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b], strict=True)]
+        return {"values": values, **spread(values)}
+
+    return {"batch_examples": batch, "pack_budget": budget, "bucket_overhead_tokens": BUCKET_OVERHEAD_TOKENS,
+            "runs": runs, **{f"{n}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs[n]) for n in names},
+            "packed_over_unpacked": ratio("packed", "unpacked"), "buckets_over_unpacked": ratio("buckets", "unpacked"),
+            "buckets_over_packed": ratio("buckets", "packed")}
 
 
 def main(argv=None) -> int:
@@ -156,11 +187,9 @@ def main(argv=None) -> int:
     from sft.train import load_sft_examples
 
     examples = run.sft_examples
-    if not examples:  # the warmup ran before: the tiny recipe's data is the builder's output in the run
-        sft = recipe.sft
-        if not sft.data_file:
-            sft = sft.model_copy(update={"data_file": str(run.dir / "data" / "sft-cot" / "data.jsonl")})
-        examples, _ = load_sft_examples(sft, run.tokenizer)
+    if not examples:  # the warmup ran before: read its data again
+        examples, _ = load_sft_examples(recipe.sft.model_copy(update={"data_file": str(run.sft_data_file)}),
+                                        run.tokenizer)
     sft_lengths = [len(e.input_ids) for e in examples]
     shares = {"sft": packing_shares(sft_lengths, recipe.sft.batch_size, recipe.sft.max_seq_len)}
     rollout_file = RESULTS_DIR / "rollout_efficiency.json"
@@ -173,8 +202,8 @@ def main(argv=None) -> int:
         shares["rl"] = {"pending": f"{rollout_file.name} not found: run bench/rollout_efficiency.py first"}
     print(f"[bench] non-padding shares: {json.dumps(shares)}", flush=True)
     throughput = trainer_throughput(sft_dir, examples, recipe.sft.batch_size, recipe.sft.max_seq_len, args.reps)
-    print(f"[bench] trainer tokens/s unpacked {throughput['unpacked_tokens_per_s']:.0f}, "
-          f"packed {throughput['packed_tokens_per_s']:.0f}", flush=True)
+    print(f"[bench] trainer tokens/s unpacked {throughput['unpacked_tokens_per_s']:.0f}, buckets "
+          f"{throughput['buckets_tokens_per_s']:.0f}, packed {throughput['packed_tokens_per_s']:.0f}", flush=True)
     write_result(args.name, {"non_padding_share": shares, "trainer": throughput,
                              "logprob_memory": {"seq_len": args.seq_len, "vocab": args.vocab,
                                                 "full_logits_mib": logits_mib, "by_chunk": memory}},

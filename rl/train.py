@@ -38,6 +38,7 @@ class Run:
     heldout_rows: list[dict]
     sft_examples: list = field(default_factory=list)
     sft_heldout: list | None = None
+    sft_data_file: Path | None = None  # the warmup's data (given, or built into the run), None without warmup
 
 
 def prepare_run(recipe: Recipe) -> Run:
@@ -68,20 +69,23 @@ def prepare_run(recipe: Recipe) -> Run:
     base_model = resolve_model(recipe.model.name_or_path, cache / "models", seed=recipe.run.seed)
     tokenizer = load_tokenizer(base_model)
     run = Run(run_dir, base_model, tokenizer, train, heldout)
-    if recipe.sft.enabled and not (run_dir / "checkpoints" / "sft" / "config.json").exists():
+    sft = recipe.sft
+    if sft.enabled and not sft.data_file and data.task != "arithmetic":
+        raise ValueError(f"{recipe.run.output_dir}: sft.enabled needs sft.data_file when data.task is 'files'")
+    if sft.enabled:
+        # without a data file, the warmup data is built into the run (below, once)
+        run.sft_data_file = Path(sft.data_file) if sft.data_file else run_dir / "data" / "sft-cot" / "data.jsonl"
+    if sft.enabled and not (run_dir / "checkpoints" / "sft" / "config.json").exists():
         from sft.train import build_arithmetic_sft_data, load_sft_examples
 
-        sft = recipe.sft
         if not sft.data_file:
-            if data.task != "arithmetic":
-                raise ValueError(f"{recipe.run.output_dir}: sft.enabled needs sft.data_file when data.task is 'files'")
             # the warmup data goes through the dataset builder (python -m sft.build_cot) with the
             # programmatic teacher, unverified: its slips are part of the recipe
             sft_prompts = arithmetic.make_rows(sft.n_examples, seed=recipe.run.seed + 2, min_ops=data.min_ops,
                                                max_ops=data.max_ops, exclude={r["prompt"] for r in heldout})
-            path = build_arithmetic_sft_data(sft_prompts, run_dir / "data" / "sft-cot", recipe.run.seed,
-                                             sft.slip_rate, sft.fix_rate, log=print)
-            sft = sft.model_copy(update={"data_file": str(path)})
+            run.sft_data_file = build_arithmetic_sft_data(sft_prompts, run.sft_data_file.parent, recipe.run.seed,
+                                                          sft.slip_rate, sft.fix_rate, log=print)
+        sft = sft.model_copy(update={"data_file": str(run.sft_data_file)})
         run.sft_examples, run.sft_heldout = load_sft_examples(sft, tokenizer, log=print)
     dump_recipe(recipe, run_dir / "config.yaml")
     return run
@@ -229,6 +233,9 @@ class Loop:
     # (about 1e-6 for the dense float32 model on CPU, about 7e-3 for the MoE), stale weights add to it
     probe_baseline: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_old_logprobs(self.recipe.rl, self.probe_baseline)
+
 
 def warmup(recipe: Recipe, run: Run, log) -> tuple[Path, float | None]:
     """Run the SFT warmup unless it finished before; returns the model RL starts from and its wall time."""
@@ -277,6 +284,7 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, state: dict, 
             model_path=str(model), seed=recipe.run.seed + e, max_model_len=ro.max_model_len,
             tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
             gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
+            cpu_share=(e, ro.num_engines) if ro.num_engines > 1 else None,
         ))
         for e in range(ro.num_engines)
     ]
@@ -416,7 +424,6 @@ def rl_loop(recipe: Recipe, run: Run, log=print) -> dict:
                     probe_gap(trainers, engines, probe_ids, len(heldout_prompts[0])))
         log(f"[rl] probe gap on identical weights: {loop.probe_baseline:.1e} (a sync may add at most "
             f"{rl.probe_tolerance:.0e})")
-        check_old_logprobs(rl, loop.probe_baseline)
         if "eval_before" not in state:
             t0 = time.time()
             state["eval_before"] = evaluate(engines, reward_set, heldout_prompts, run.heldout_rows, recipe, seed=10**6)

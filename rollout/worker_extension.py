@@ -37,8 +37,8 @@ class WeightLoaderExtension:
         return len(state)
 
 
-def _repack_cpu_moe_experts(model) -> int:
-    """Redo the CPU MoE kernels' weight prepacking after an in-place reload; returns the layers repacked.
+def _repack_cpu_moe_experts(model) -> None:
+    """Redo the CPU MoE kernels' weight prepacking after an in-place reload.
 
     vLLM (0.32) prepacks fused-MoE expert weights for its CPU grouped GEMM only when the kernel is first
     built: on a weight update `UnquantizedFusedMoEMethod._setup_kernel` skips
@@ -50,12 +50,9 @@ def _repack_cpu_moe_experts(model) -> int:
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        return 0
-    repacked = 0
+        return
     for module in model.modules():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         experts = getattr(kernel, "fused_experts", None)
         if experts is not None and hasattr(module, "w13_weight"):
             experts.process_weights_after_loading(module)
-            repacked += 1
-    return repacked

@@ -62,7 +62,7 @@ def _save_state(workers, state_root: Path, step: int) -> None:
         shutil.rmtree(previous[1], ignore_errors=True)
 
 
-def _heldout_loss(workers, heldout, per_rank: int, budget: int | None) -> float:
+def _heldout_loss(workers, heldout, per_rank: int, budget: int | None, layout: str) -> float:
     import ray
 
     nll, tokens = 0.0, 0
@@ -71,7 +71,7 @@ def _heldout_loss(workers, heldout, per_rank: int, budget: int | None) -> float:
         parts = [chunk[r * per_rank : (r + 1) * per_rank] for r in range(len(workers))]
         # every rank runs a forward (ZeRO-3 gathers parameters collectively); a rank past the end of the
         # held-out set repeats the first example and its numbers are dropped
-        results = ray.get([w.eval_sums.remote(p or chunk[:1], budget) for w, p in zip(workers, parts, strict=True)])
+        results = ray.get([w.eval_sums.remote(p or chunk[:1], budget, layout) for w, p in zip(workers, parts, strict=True)])
         for part, (s, n) in zip(parts, results, strict=True):
             if part:
                 nll, tokens = nll + s, tokens + n
@@ -141,7 +141,8 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
         for _ in range(first, stage_steps):
             batch = next(stream)
             step += 1
-            results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank], budget)
+            results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank], budget,
+                                                    sft.packing_layout)
                                for r, w in enumerate(workers)])
             losses.append(sum(r["loss"] for r in results) / len(results))
             loss_tokens += sum(r["tokens"] for r in results)
@@ -149,7 +150,7 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
             slots += sum(r["slots"] for r in results)
             evaluate = bool(heldout) and (step % sft.eval_every == 0 or step == total_steps)
             if evaluate:
-                eval_loss = _heldout_loss(workers, heldout, per_rank, budget)
+                eval_loss = _heldout_loss(workers, heldout, per_rank, budget, sft.packing_layout)
             if step % sft.log_every == 0 or step == total_steps or evaluate:
                 elapsed = time.time() - start
                 recent = losses[-sft.log_every:]

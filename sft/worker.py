@@ -1,10 +1,12 @@
 """The SFT trainer rank: next-token cross-entropy on assistant tokens, through the shared TrainEngine.
 
-A step's examples are split into `micro_batches_per_step` groups (gradient accumulation); each group is
-packed into rows (or padded one per row) and goes through one forward/backward. The loss is the mean
-over the step's assistant tokens on this rank, whatever the split: each micro-batch's summed NLL is
+A step's examples are split into `micro_batches_per_step` groups (gradient accumulation); each group
+goes through one backward pass, as one padded batch (no packing), as packed rows (several examples per
+row, block-diagonal attention) or as length buckets (one example per row, sorted runs padded to their
+own longest, one forward each; `thinkrl.train_engine.length_buckets`). The loss is the mean over the
+step's assistant tokens on this rank, whatever the layout or split: each micro-batch's summed NLL is
 divided by the step's token count, and multiplied back by the accumulation count that DeepSpeed divides
-by. Packed and unpacked steps therefore compute the same loss and gradient.
+by. All layouts therefore compute the same loss and gradient.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from sft.packing import Batch, packed_batch, padded_batch
 from thinkrl.chat import EncodedConversation
-from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine
+from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine, length_buckets
 
 
 class SFTWorker:
@@ -23,9 +25,21 @@ class SFTWorker:
         self.engine = TrainEngine(model_path, optim, dist, seed=seed)
         self.pad_id = self.engine.tokenizer.pad_token_id
         self.micro_batches = dist.micro_batches_per_step
+        self.zero_stage = dist.zero_stage
 
-    def _layout(self, examples: list[EncodedConversation], pack_budget: int | None) -> Batch:
-        return packed_batch(examples, pack_budget, self.pad_id) if pack_budget else padded_batch(examples, self.pad_id)
+    def _layouts(self, examples: list[EncodedConversation], pack_budget: int | None, layout: str) -> list[Batch]:
+        """A micro-batch as model inputs: one padded batch (`pack_budget` None), packed rows of at most
+        `pack_budget` tokens, or length buckets. `layout` "auto": rows under ZeRO-3 (each extra forward pass
+        gathers the sharded weights again), buckets otherwise (with SDPA a packed row's block-diagonal mask
+        leaves the fused causal kernel: buckets trained 1.17x faster on the tiny recipe, 2 CPU cores)."""
+        if layout not in ("auto", "rows", "buckets"):
+            raise ValueError(f"packing layout must be 'auto', 'rows' or 'buckets', not {layout!r}")
+        if pack_budget is None:
+            return [padded_batch(examples, self.pad_id)]
+        if layout == "rows" or (layout == "auto" and self.zero_stage == 3):
+            return [packed_batch(examples, pack_budget, self.pad_id)]
+        return [padded_batch([examples[i] for i in b], self.pad_id)
+                for b in length_buckets([len(e.input_ids) for e in examples])]
 
     def _nll_sum(self, batch: Batch) -> torch.Tensor:
         logp_B_T = self.engine.token_logprobs(batch.input_ids_B_T, batch.attention_mask_B_T,
@@ -36,10 +50,12 @@ class SFTWorker:
     def _loss_tokens(examples: list[EncodedConversation]) -> int:
         return sum(sum(e.loss_mask[1:]) for e in examples)
 
-    def train_step(self, batch: list[EncodedConversation], pack_budget: int | None = None) -> dict[str, float]:
+    def train_step(self, batch: list[EncodedConversation], pack_budget: int | None = None,
+                   layout: str = "auto") -> dict[str, float]:
         """One optimizer step on `batch` (mean loss over its assistant tokens).
 
-        `pack_budget`: pack examples into rows of at most this many tokens; None: one example per row.
+        `pack_budget`: avoid padding (`layout`: packed rows of at most this many tokens, or length
+        buckets); None: one padded batch per micro-batch.
         Returns loss, tokens (assistant tokens), input_tokens, slots (row x width, padding included), lr.
         """
         n_micro = self.micro_batches
@@ -49,19 +65,21 @@ class SFTWorker:
         bounds = [len(batch) * k // n_micro for k in range(n_micro + 1)]
         total, input_tokens, slots = 0.0, 0, 0
         for lo, hi in zip(bounds, bounds[1:], strict=False):
-            micro = self._layout(batch[lo:hi], pack_budget)
-            nll = self._nll_sum(micro)
+            parts = self._layouts(batch[lo:hi], pack_budget, layout)
+            nll = sum(self._nll_sum(part) for part in parts)  # every part's graph, one backward
             self.engine.backward(nll * (n_micro / n_tokens))  # DeepSpeed divides by n_micro
             total += nll.item()
-            input_tokens += micro.real_tokens
-            slots += micro.slots
+            input_tokens += sum(part.real_tokens for part in parts)
+            slots += sum(part.slots for part in parts)
         stats = self.engine.step()
         return {"loss": total / n_tokens, "tokens": n_tokens, "input_tokens": input_tokens, "slots": slots, **stats}
 
-    def eval_sums(self, batch: list[EncodedConversation], pack_budget: int | None = None) -> tuple[float, int]:
+    def eval_sums(self, batch: list[EncodedConversation], pack_budget: int | None = None,
+                  layout: str = "auto") -> tuple[float, int]:
         """(summed NLL, assistant tokens) of `batch`, without gradients."""
         with torch.no_grad():
-            return self._nll_sum(self._layout(batch, pack_budget)).item(), self._loss_tokens(batch)
+            nll = sum(self._nll_sum(part).item() for part in self._layouts(batch, pack_budget, layout))
+            return nll, self._loss_tokens(batch)
 
     def eval_loss(self, batch: list[EncodedConversation]) -> float:
         """Mean NLL over the assistant tokens of `batch`."""

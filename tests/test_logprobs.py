@@ -135,3 +135,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     assert saved[1] < saved[0] / 4  # the layers' activations are really recomputed, not kept
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-5), name
+
+
+def test_length_buckets_are_the_cheapest_split():
+    """Against every split of the sorted lengths into contiguous runs: the same minimal cost, each index once."""
+    import itertools
+    import random
+
+    from thinkrl.train_engine import length_buckets
+
+    def cost(buckets, lengths, overhead):
+        return sum(len(b) * max(lengths[i] for i in b) + overhead for b in buckets)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.choice([rng.randint(1, 20), rng.randint(50, 200)]) for _ in range(rng.randint(1, 8))]
+        overhead = rng.choice([0, 16, 64, 10**6])
+        buckets = length_buckets(lengths, overhead)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(
+            cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)), strict=True)], lengths, overhead)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert cost(buckets, lengths, overhead) == best
+        assert cost(buckets, lengths, 0) <= len(lengths) * max(lengths)  # never more slots than one batch
+    assert length_buckets([5, 100, 6, 101], 16) == [[1, 3], [0, 2]]
+    assert length_buckets([5, 100, 6, 101], 10**6) == [[0, 2, 1, 3]]

@@ -76,6 +76,36 @@ def test_old_logprobs_match_each_sample_across_mini_batches(worker, old_logprobs
                           PMDSettings(tau=0.1, mini_batches=2, old_logprobs="rollout"))
 
 
+def test_length_buckets_match_one_padded_batch(worker):
+    """The bucketed forward gives each sample the log-probs and the gradient of one padded batch."""
+    import random
+
+    from rl.trainer import Sample
+
+    rng = random.Random(0)
+    vocab = worker.engine.module.config.vocab_size
+    samples = [Sample([rng.randrange(3, vocab) for _ in range(p)], [rng.randrange(3, vocab) for _ in range(r)], 0.0, 0, [])
+               for p, r in [(12, 90), (9, 3), (15, 40), (10, 4), (12, 88), (11, 41)]]
+    results = {}
+    for name, overhead in (("one batch", 10**12), ("buckets", 0)):
+        worker.bucket_overhead_tokens = overhead
+        worker.engine.module.zero_grad(set_to_none=True)
+        seq_logp, token_logps = worker._logprobs(samples)
+        (seq_logp * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per sample: order matters
+        grads = [p.grad.clone() for p in worker.engine.module.parameters() if p.grad is not None]
+        results[name] = (seq_logp.detach(), [t.detach() for t in token_logps], grads)
+    worker.engine.module.zero_grad(set_to_none=True)
+    worker.bucket_overhead_tokens = 64
+    (one, one_tokens, one_grads), (bucketed, bucket_tokens, bucket_grads) = results["one batch"], results["buckets"]
+    assert [len(t) for t in bucket_tokens] == [len(s.response_ids) for s in samples]
+    torch.testing.assert_close(bucketed, one, rtol=1e-5, atol=1e-4)
+    for a, b in zip(bucket_tokens, one_tokens, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(bucket_grads) == len(one_grads) > 0
+    for a, b in zip(bucket_grads, one_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_exported_weights_load_into_transformers(worker, tmp_path):
     from safetensors.torch import load_file
 

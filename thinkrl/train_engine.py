@@ -362,6 +362,37 @@ def block_diagonal_mask(position_ids_B_T: torch.Tensor) -> torch.Tensor:
     return (same_B_T_T & causal_T_T)[:, None]
 
 
+# The fixed cost of one more forward + backward pass in padded-token equivalents, for `length_buckets`: the
+# tiny dense model on 2 CPU cores (bench/trainer_efficiency.py measures the layouts)
+BUCKET_OVERHEAD_TOKENS = 64
+
+
+def length_buckets(lengths: list[int], overhead_tokens: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` split into buckets of similar length, each to be padded to its own longest.
+
+    A batch padded to its longest sequence spends compute on padding (a fifth of the slots on the tiny
+    recipe's heavy-tailed responses). Buckets are contiguous runs of the sorted lengths chosen to minimise
+    total padded slots + `overhead_tokens` per bucket (the fixed cost of one more forward pass, in
+    token-equivalents), exactly, by dynamic programming. Never more slots than one bucket of all, so never
+    more activation memory. Buckets come longest first; indices inside a bucket ascend by length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted lengths
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):  # bucket = sorted[i:j], padded to its last (longest) length
+            cost = best[i] + (j - i) * longest + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], n
+    while j > 0:
+        buckets.append(order[cut[j] : j])
+        j = cut[j]
+    return buckets
+
+
 def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int):
     """Right-pad token lists into (input_ids, attention_mask, target_mask) tensors, each [B, T]."""
     width = max(len(s) for s in sequences)
