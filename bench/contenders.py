@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 
+def _number(value: float, default: float = 0.0) -> float:
+    return default if value != value else value  # NaN: no trainer call this iteration
+
+
 class ThinkrlLoop:
     """thinkrl's PMD loop on `model_path`, one `run_iteration` per call of `iteration()`."""
 
@@ -65,9 +69,12 @@ class ThinkrlLoop:
         n = rl.prompts_per_iteration * rl.samples_per_prompt
         tokens = record["train/response_tokens_mean"] * n
         stages = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("time/") and k != "time/iteration"}
-        if "update_logprobs" in stages and "update" in stages:  # the trainer's recompute of log pi_theta_i
-            stages["logprobs"] = stages.pop("update_logprobs")
-            stages["update"] -= stages["logprobs"]
+        # time/update (the driver's wall time) = shipping samples and stats through Ray + the trainer's own
+        # update call, which includes the recompute of log pi_theta_i (time/update_logprobs)
+        update = stages.pop("update")
+        logprobs = _number(stages.pop("update_logprobs", 0.0))
+        in_trainer = _number(stages.pop("update_in_trainer", update), update)
+        stages.update(logprobs=logprobs, update=in_trainer - logprobs, update_shipping=update - in_trainer)
         stages["overhead"] = wall - sum(stages.values())
         return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "stages_s": stages,
                 "reward_mean": record["train/reward_mean"], "response_tokens_max": record["train/response_tokens_max"],

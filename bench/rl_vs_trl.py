@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout", type=int, default=100, help="held-out problems per evaluation")
     p.add_argument("--try-trl-vllm", action="store_true", help="also try TRL's vLLM colocate mode")
     p.add_argument("--name", default=None, help="result name (default rl_throughput_<model>)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more recipe overrides for both loops, e.g. rollout.num_engines=1")
     return p.parse_args(argv)
 
 
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
         # vLLM's CPU MLA attention differs from transformers' by ~1e-2 per token on the tiny MoE (the dense
         # model: ~5e-7), so the trainer recomputes log pi_theta_i and the sync probe gets a wider margin
         overrides += ("rl.old_logprobs=trainer", "rl.probe_tolerance=0.05")
+    overrides += tuple(args.set)
     # the engine as the recipe builds it (the tiny recipe: without torch.compile; TRL's vLLM mode likewise,
     # bench/contenders.py)
     t0 = time.time()

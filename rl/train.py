@@ -348,7 +348,7 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
         "train/truncated_share": sum(c.finish_reason == "length" for g in groups for c in g) / len(lengths),
         **loop.rewards.metrics(),
         **{f"losses/{k}": v for k, v in stats.items()
-           if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer", "time_logprobs")},
+           if k not in ("lr", "grad_norm", "logprob_gap_vllm_trainer", "time_logprobs", "time_in_trainer")},
         "optim/lr": stats.get("lr", rl.lr),
         "optim/grad_norm": stats.get("grad_norm", float("nan")),
         "sync/logprob_gap_rollout_vs_trainer": stats.get("logprob_gap_vllm_trainer", float("nan")),
@@ -360,6 +360,8 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
         "time/iteration": sum(times.values()),
         # the part of time/update spent recomputing log pi_theta_i (not added to time/iteration again)
         "time/update_logprobs": stats.get("time_logprobs", float("nan")),
+        # the part of time/update the trainer ranks spend in their update call (mean over ranks)
+        "time/update_in_trainer": stats.get("time_in_trainer", float("nan")),
     }
 
 
