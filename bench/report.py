@@ -140,15 +140,18 @@ def section_throughput(out: list[str], status: dict) -> None:
             out.append("```\n" + err + "\n```\n")
     out.append("What limits the ratio: both sides run the same model on the same 2 cores, so the ratio measures "
                "orchestration, not kernels, and at these sizes HF `generate` is nearly as fast per token as "
-               "vLLM-CPU (vLLM runs its worker on one pinned core and keeps the other for its scheduler). thinkrl "
-               "gains from continuous batching (HF pads every sequence of a batch to its longest), from skipping "
-               "the recompute pass and from scoring in a process pool; it pays for the weight sync, the probe "
-               "and the Ray hops (a few percent, see the stage table). Half of its iteration is the update, the "
-               "same PyTorch model as TRL's: that is the next place to gain (its micro-batches are padded, not "
-               "packed: 0.80 non-padding share, section 4). TRL's vLLM mode runs its engine inside the "
-               "training process, unpinned (pinning there would pin the trainer too) and without torch.compile "
-               "(as thinkrl's engine), and is the slowest contender on this CPU; while it is loaded, thinkrl's "
-               "iterations are slower too, so that ratio is conservative.\n")
+               "vLLM-CPU. thinkrl gains from continuous batching (HF pads every sequence of a batch to its "
+               "longest), from two engines pinned to one core each (the tiny recipe's `rollout.num_engines: 2`; "
+               "one engine keeps a core for its scheduler), from length-bucketed update micro-batches (section 4), "
+               "from skipping the recompute pass and from scoring in a process pool; it pays for the weight sync, "
+               "the probe and the Ray hops (`update_shipping`: samples to the trainer and statistics back). Half "
+               "of its iteration is the update, the same PyTorch model as TRL's, bound on this CPU by the "
+               "element-wise work (norms, rotary embedding, activations: memory traffic at ~9 GB/s) rather "
+               "than the matrix products; fusing those (torch.compile of the training step) is the next place to "
+               "gain. TRL's vLLM mode runs its engine inside the training process, unpinned (pinning there would "
+               "pin the trainer too) and without torch.compile (as thinkrl's engines), and is the slowest "
+               "contender on this CPU; while it is loaded, thinkrl's iterations are slower too, so that ratio is "
+               "conservative.\n")
 
 
 def _median(xs: list[float]) -> float:

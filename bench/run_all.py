@@ -1,4 +1,4 @@
-"""Run the whole benchmark suite (~31 minutes on a 2-core CPU), then write the report.
+"""Run the whole benchmark suite (~26 minutes on a 2-core CPU), then write the report.
 
     .venv/bin/python bench/run_all.py            (what `make bench` runs)
     .venv/bin/python bench/run_all.py --only weight_sync trainer_efficiency
@@ -22,7 +22,7 @@ import time
 from common import BENCH_DIR, RESULTS_DIR, ROOT
 
 # name -> (script and arguments, timeout in seconds). Run one after another on this 2-core machine the
-# suite took 31 minutes after a 3.5-minute install (over the 30-minute aim); the timeouts only bound a hang.
+# suite took 25.5 minutes after a 3.8-minute install (29.2 in all, fresh clone); the timeouts only bound a hang.
 STEPS: dict[str, tuple[list[str], int]] = {
     "rollout_efficiency": (["rollout_efficiency.py", "--reps", "5"], 900),
     # the tiny recipe's own batch (32 prompts x k=8), with the learning curve evaluated every 3 iterations
