@@ -76,17 +76,15 @@ def logprob_memory_child(seq_len: int, vocab: int, chunks: list[int]) -> dict:
 def packing_shares(lengths: list[int], group: int, budget: int) -> dict:
     """Non-padding share of `lengths` cut into consecutive micro-batches of `group`: one padded batch,
     length buckets (`thinkrl.train_engine.length_buckets`, what PMDWorker feeds the model) and packed rows."""
-    from sft.packing import non_padding_share, packed_batch, padded_batch
+    from sft.packing import bucketed_batches, non_padding_share, packed_batch, padded_batch
     from thinkrl.chat import EncodedConversation
-    from thinkrl.train_engine import BUCKET_OVERHEAD_TOKENS, length_buckets
+    from thinkrl.train_engine import BUCKET_OVERHEAD_TOKENS
 
     unpacked, buckets, packed = [], [], []
     for start in range(0, len(lengths) - group + 1, group):
-        chunk = lengths[start:start + group]
-        examples = [EncodedConversation([1] * n, [1] * n) for n in chunk]
+        examples = [EncodedConversation([1] * n, [1] * n) for n in lengths[start:start + group]]
         unpacked.append(non_padding_share([padded_batch(examples, 0)]))
-        split = length_buckets(chunk, BUCKET_OVERHEAD_TOKENS)
-        buckets.append(sum(chunk) / sum(len(b) * max(chunk[i] for i in b) for b in split))
+        buckets.append(non_padding_share(bucketed_batches(examples, 0)))
         packed.append(non_padding_share([packed_batch(examples, budget, 0)]))
     return {"micro_batch_sequences": group, "pack_budget": budget, "micro_batches": len(unpacked),
             "bucket_overhead_tokens": BUCKET_OVERHEAD_TOKENS,
@@ -100,15 +98,9 @@ def trainer_throughput(sft_dir: Path, examples: list, batch: int, budget: int, r
     import os
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    from sft.packing import packed_batch, padded_batch
+    from sft.packing import bucketed_batches, packed_batch, padded_batch
     from thinkrl.cluster import free_port
-    from thinkrl.train_engine import (
-        BUCKET_OVERHEAD_TOKENS,
-        DistConfig,
-        OptimConfig,
-        TrainEngine,
-        length_buckets,
-    )
+    from thinkrl.train_engine import BUCKET_OVERHEAD_TOKENS, DistConfig, OptimConfig, TrainEngine
 
     engine = TrainEngine(str(sft_dir), OptimConfig(lr=1e-6), DistConfig(master_port=free_port()))
     pad = engine.tokenizer.pad_token_id
@@ -118,8 +110,7 @@ def trainer_throughput(sft_dir: Path, examples: list, batch: int, budget: int, r
             return [padded_batch(examples, pad)]
         if name == "packed":
             return [packed_batch(examples, budget, pad)]
-        split = length_buckets([len(e.input_ids) for e in examples], BUCKET_OVERHEAD_TOKENS)
-        return [padded_batch([examples[i] for i in b], pad) for b in split]
+        return bucketed_batches(examples, pad)
 
     def step(parts: list) -> dict:
         start = time.perf_counter()

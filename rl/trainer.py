@@ -162,7 +162,7 @@ class PMDWorker:
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["logprob_gap_vllm_trainer"] = sum(gaps) / max(1, len(gaps))
         out["time_logprobs"] = logprobs_seconds  # the no-grad pass for log pi_theta_i, inside time/update
-        out["time_in_trainer"] = time.perf_counter() - started  # the rest of time/update: shipping, Ray calls
+        out["time_in_trainer"] = time.perf_counter() - started  # time/update minus this: shipping through Ray
         if log_ratios:
             t = torch.tensor(log_ratios)
             out["log_ratio_mean"] = t.mean().item()

@@ -128,6 +128,14 @@ def padded_batch(examples: list[EncodedConversation], pad_id: int) -> Batch:
     return Batch(ids, attn, target, None, len(examples))
 
 
+def bucketed_batches(examples: list[EncodedConversation], pad_id: int) -> list[Batch]:
+    """One example per row, in length buckets (`thinkrl.train_engine.length_buckets`), each padded to its own
+    longest: one forward pass per bucket."""
+    from thinkrl.train_engine import length_buckets
+
+    return [padded_batch([examples[i] for i in b], pad_id) for b in length_buckets([len(e.input_ids) for e in examples])]
+
+
 def split_rows(batch: Batch, parts: int) -> list[Batch]:
     """Split a batch's rows into `parts` micro-batches (fewer if it has fewer rows), in order."""
     rows = batch.input_ids_B_T.shape[0]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from sft.packing import Batch, packed_batch, padded_batch
+from sft.packing import Batch, bucketed_batches, packed_batch, padded_batch
 from thinkrl.chat import EncodedConversation
-from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine, length_buckets
+from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine
 
 
 class SFTWorker:
@@ -38,8 +38,7 @@ class SFTWorker:
             return [padded_batch(examples, self.pad_id)]
         if layout == "rows" or (layout == "auto" and self.zero_stage == 3):
             return [packed_batch(examples, pack_budget, self.pad_id)]
-        return [padded_batch([examples[i] for i in b], self.pad_id)
-                for b in length_buckets([len(e.input_ids) for e in examples])]
+        return bucketed_batches(examples, self.pad_id)
 
     def _nll_sum(self, batch: Batch) -> torch.Tensor:
         logp_B_T = self.engine.token_logprobs(batch.input_ids_B_T, batch.attention_mask_B_T,
