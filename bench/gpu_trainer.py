@@ -133,8 +133,7 @@ def throughput(spec: str, args, log) -> dict:
         start = time.perf_counter()
         logp = engine.token_logprobs(ids, attn, target)
         loss = -logp.sum() / target[:, 1:].sum()
-        engine.backward(loss)
-        engine.step()
+        engine.micro_step(loss)
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)

@@ -48,13 +48,16 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from thinkrl.inference import cpu_engine_options
+
     ro = recipe.rollout
     engine_settings = EngineSettings(model_path=str(sft_dir), seed=0, max_model_len=ro.max_model_len,
                                      enforce_eager=True, gpu_memory_utilization=ro.gpu_memory_utilization,
                                      cpu_kv_cache_gb=ro.cpu_kv_cache_gb)
     engine = remote_actor(RolloutEngine).remote(engine_settings)  # starts while the raw engine does
+    # raw vLLM, with only the options this machine needs (thinkrl.inference: the reference MLA kernel on AMX CPUs)
     raw = LLM(model=str(sft_dir), seed=0, dtype="float32", max_model_len=ro.max_model_len, enforce_eager=True,
-              gpu_memory_utilization=ro.gpu_memory_utilization)
+              gpu_memory_utilization=ro.gpu_memory_utilization, **cpu_engine_options("float32"))
     ray.get(engine.__ray_ready__.remote())
     tok = run.tokenizer
     prompt_sets = [[prompt_ids(tok, r["prompt"]) for r in run.train_rows[i * args.prompts:(i + 1) * args.prompts]]

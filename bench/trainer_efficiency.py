@@ -119,8 +119,7 @@ def trainer_throughput(sft_dir: Path, examples: list, batch: int, budget: int, r
         for p in parts:
             logp = engine.token_logprobs(p.input_ids_B_T, p.attention_mask_B_T, p.target_mask_B_T, p.position_ids_B_T)
             loss = loss - logp.sum() / n_targets
-        engine.backward(loss)
-        engine.step()
+        engine.micro_step(loss)
         wall = time.perf_counter() - start
         tokens = sum(p.real_tokens for p in parts)
         return {"tokens": tokens, "slots": sum(p.slots for p in parts), "forwards": len(parts), "wall_s": wall,

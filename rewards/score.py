@@ -1,10 +1,14 @@
 """Score a JSONL file of responses with any rewards: `python -m rewards.score --reward math IN.jsonl -o OUT.jsonl`.
 
-Each input row (fields configurable: prompt, response, answer, and optionally num_tokens) is written to
+Each input row (fields configurable: response, answer, optionally prompt and num_tokens) is written to
 the output with all its fields kept plus `reward` (the total), `rewards` (sub-scores by name) and
-`reason`. Rows with the same prompt form one group (what group rewards such as `length` see). A bad row
-(not JSON, not an object, a missing field) is kept and scored 0, with a reason naming its line; it is not
-dropped silently. Without a token count field, `num_tokens` is the number of whitespace-separated words.
+`reason`. Rows with the same prompt form one group (what group rewards such as `length` see). The prompt
+is needed only for that grouping: with per-sample rewards only, a row without one is scored alone, with
+prompt "". With a group reward active, a row without a prompt stops the run before any scoring (exit 2)
+with one error naming the file, row, field and reward: the groups, and so every row's group score,
+would be guesses. Any other bad row (not JSON, not an object, no response or answer) is kept and scored
+0, with a reason naming its line; it is not dropped silently. Without a token count field, `num_tokens`
+is the number of whitespace-separated words.
 The output is written atomically (a temporary file renamed into place). A summary (count, mean, bad
 rows, failures, timeouts, rows/s) goes to stderr, and with `--summary PATH` to a JSON file.
 
@@ -55,7 +59,10 @@ def build_specs(rewards: list[str], weights: list[str], options: list[str], warm
 
 
 def read_rows(path: Path, fields: dict[str, str]) -> list[tuple[int, dict | None, str]]:
-    """(line number, row or None, problem) for every non-blank line; problem is "" for a good row."""
+    """(line number, row or None, problem) for every non-blank line; problem is "" for a good row.
+
+    A good row has the response and answer fields; whether it needs a prompt is `group_rows`' question.
+    """
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -69,10 +76,38 @@ def read_rows(path: Path, fields: dict[str, str]) -> list[tuple[int, dict | None
             if not isinstance(row, dict):
                 rows.append((number, {"value": row}, f"{path}:{number}: not a JSON object"))
                 continue
-            missing = [f for f in (fields["prompt"], fields["response"], fields["answer"]) if f not in row]
+            missing = [f for f in (fields["response"], fields["answer"]) if f not in row]
             problem = f"{path}:{number}: missing field {', '.join(map(repr, missing))}" if missing else ""
             rows.append((number, row, problem))
     return rows
+
+
+def group_rows(rows: list[tuple[int, dict | None, str]], prompt_field: str, group_rewards: list[str],
+               path: Path) -> list[list[int]]:
+    """Indices into `rows` of the good rows, grouped by prompt (groups in order of first appearance).
+
+    A good row without `prompt_field` is a group of its own, unless `group_rewards` (the names of the
+    active group rewards) is not empty: then ValueError names the first such row, the field and the reward.
+    """
+    groups: dict[str, list[int]] = {}
+    alone: list[list[int]] = []
+    good = [(number, row) for number, row, problem in rows if not problem]
+    lacking = [number for number, row in good if prompt_field not in row]
+    if lacking and group_rewards:
+        which = (f"the group reward {group_rewards[0]!r} needs" if len(group_rewards) == 1 else
+                 f"the group rewards {', '.join(map(repr, group_rewards))} need")
+        raise ValueError(f"{path}:{lacking[0]}: missing field {prompt_field!r} ({len(lacking)} of "
+                         f"{len(good)} rows lack it), which {which} to group the responses of one prompt; "
+                         "add the field (or name it with --prompt-field), or score with per-sample rewards "
+                         "only")
+    for k, (_, row, problem) in enumerate(rows):
+        if problem:
+            continue
+        if prompt_field in row:
+            groups.setdefault(str(row[prompt_field]), []).append(k)
+        else:
+            alone.append([k])
+    return list(groups.values()) + alone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,34 +134,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rewards.combine import RewardSet
+    from rewards.config import resolve_specs
     from rewards.types import RewardInput, RewardPluginError
 
     specs = build_specs(args.reward or ["math"], args.weight, args.option, args.warmup)
     fields = {"prompt": args.prompt_field, "response": args.response_field, "answer": args.answer_field}
+    iteration = args.iteration if args.iteration is not None else sys.maxsize
     try:
         rows = read_rows(args.input, fields)
     except OSError as e:
         raise SystemExit(f"cannot read {args.input}: {e}") from None
-    groups: dict[str, list[int]] = {}
-    for k, (_, row, problem) in enumerate(rows):
-        if not problem:
-            groups.setdefault(str(row[fields["prompt"]]), []).append(k)
+    try:
+        group_rewards = [r.name for r in resolve_specs(specs)
+                         if r.reward.kind == "group" and r.spec.active(iteration)]
+        order = group_rows(rows, fields["prompt"], group_rewards, args.input)
+    except ValueError as e:  # before any worker process starts
+        print(f"rewards.score: {e}", file=sys.stderr)
+        return 2
     inputs = {}
     for k, (_, row, problem) in enumerate(rows):
         if problem:
             continue
         tokens = row.get(args.tokens_field)
         response = str(row[fields["response"]])
-        inputs[k] = RewardInput(str(row[fields["prompt"]]), response, str(row[fields["answer"]]),
+        inputs[k] = RewardInput(str(row.get(fields["prompt"], "")), response, str(row[fields["answer"]]),
                                 int(tokens) if isinstance(tokens, (int, float)) else len(response.split()),
                                 {key: v for key, v in row.items() if key not in fields.values()})
 
     start = time.monotonic()
-    iteration = args.iteration if args.iteration is not None else sys.maxsize
     try:
         with RewardSet(specs, num_workers=args.workers, timeout_s=args.timeout,
                        max_consecutive_failures=args.max_consecutive_failures) as reward_set:
-            order = list(groups.values())
             scored = reward_set.score_groups([[inputs[k] for k in ks] for ks in order], iteration)
             metrics = reward_set.metrics()
     except (ValueError, RewardPluginError) as e:

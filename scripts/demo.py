@@ -1,8 +1,10 @@
 """`make demo`: start a local Ray head if none runs, submit the tiny recipe as a Ray job, print the report.
 
-The job is submitted exactly as a cluster user would (`ray job submit --working-dir . -- python -m
-rl.train recipes/tiny.yaml ...`); the working directory carries code only (thinkrl.cluster.RUNTIME_EXCLUDES).
-Submitting again with the same run directory resumes the run.
+The job is submitted exactly as a cluster user would (`ray job submit --working-dir DIR -- python -m
+rl.train recipes/tiny.yaml ...`), DIR being a snapshot of this checkout's code taken just before
+(thinkrl.cluster.code_snapshot: files growing in the checkout, such as `make demo > demo.log`, cannot
+break the upload). Submitting again with the same run directory resumes the run. The Ray head stays up
+after the job (its dashboard keeps the logs); the last lines say how to stop it (`make ray-stop`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,15 +27,16 @@ def ray_cli() -> str:
     return str(local) if local.exists() else (shutil.which("ray") or "ray")
 
 
-def ensure_head(dashboard: str, env: dict) -> None:
-    """Start a local head (with the job server) unless one answers at `dashboard`."""
+def ensure_head(dashboard: str, env: dict) -> bool:
+    """Start a local head (with the job server) unless one answers at `dashboard`; True if started here."""
     probe = subprocess.run([ray_cli(), "job", "list", "--address", dashboard], capture_output=True, text=True, env=env)
     if probe.returncode == 0:
-        return
+        return False
     port = dashboard.rsplit(":", 1)[-1]
     print(f"[demo] starting a local Ray head (dashboard {dashboard})", flush=True)
     subprocess.run([ray_cli(), "start", "--head", "--num-cpus", str(os.cpu_count() or 2), "--dashboard-host", "127.0.0.1",
                     "--dashboard-port", port, "--disable-usage-stats"], check=True, env=env)
+    return True
 
 
 def main() -> int:
@@ -43,23 +47,33 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the recipe")
     args = parser.parse_args()
 
-    from thinkrl.cluster import RUNTIME_EXCLUDES
-
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.setdefault("RAY_DEDUP_LOGS", "1")
     # Ray heads enable token authentication by default; the CLI must then send the head's token
     env.setdefault("RAY_AUTH_MODE", "token")
-    ensure_head(args.dashboard, env)
+    started = ensure_head(args.dashboard, env)
+    try:
+        return submit_and_report(args, env)
+    finally:
+        how = "started by this demo" if started else "it was running before the demo"
+        print(f"\n[demo] the local Ray head ({how}; dashboard {args.dashboard}) is still running and keeps the "
+              "job's logs.\n[demo] stop it with `make ray-stop` (`ray stop`: every Ray process of this machine).",
+              flush=True)
+
+
+def submit_and_report(args: argparse.Namespace, env: dict) -> int:
+    """Submit the job on a snapshot of the code, wait for it, print the report; the exit code."""
+    from thinkrl.cluster import code_snapshot
+
     run_dir = Path(args.run_dir).resolve()
-    runtime_env = {
-        "excludes": RUNTIME_EXCLUDES,
-        "env_vars": {"THINKRL_CACHE": str(REPO / ".cache"), "PYTHONUNBUFFERED": "1"},
-    }
-    cmd = [ray_cli(), "job", "submit", "--address", args.dashboard, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "-m", "rl.train", args.recipe, f"run.output_dir={run_dir}", *args.overrides]
-    print("[demo] " + " ".join(cmd[:8]) + " ... -- " + " ".join(cmd[cmd.index("--") + 1 :]), flush=True)
-    job = subprocess.run(cmd, env=env)
+    runtime_env = {"env_vars": {"THINKRL_CACHE": str(REPO / ".cache"), "PYTHONUNBUFFERED": "1"}}
+    with tempfile.TemporaryDirectory(prefix="thinkrl-job-") as tmp:
+        code = code_snapshot(REPO, Path(tmp) / "code")
+        cmd = [ray_cli(), "job", "submit", "--address", args.dashboard, "--working-dir", code,
+               "--runtime-env-json", json.dumps(runtime_env), "--",
+               "python", "-m", "rl.train", args.recipe, f"run.output_dir={run_dir}", *args.overrides]
+        print("[demo] " + " ".join(cmd[:8]) + " ... -- " + " ".join(cmd[cmd.index("--") + 1 :]), flush=True)
+        job = subprocess.run(cmd, env=env)
     report_path = run_dir / "report.json"
     if job.returncode != 0 or not report_path.exists():
         print(f"[demo] the job failed (exit {job.returncode}); its logs are above", file=sys.stderr)

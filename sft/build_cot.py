@@ -155,15 +155,11 @@ class VLLMTeacher:
     def __init__(self, model: str, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 1024,
                  max_model_len: int = 4096, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
                  enforce_eager: bool = False, seed: int = 0) -> None:
-        import torch
-        from vllm import LLM
+        from thinkrl.inference import build_llm, on_cpu
 
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if dtype == "auto" and not torch.cuda.is_available():
-            dtype = "float32"
-        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                       gpu_memory_utilization=gpu_memory_utilization, seed=seed)
-        self.per_request_seed = torch.cuda.is_available()
+        self.llm = build_llm(model, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                             gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        self.per_request_seed = not on_cpu()
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
 
     def sample(self, prompts: list[list[dict]], k: int, seed: int) -> list[list[str]]:

@@ -5,8 +5,8 @@ goes through one backward pass, as one padded batch (no packing), as packed rows
 row, block-diagonal attention) or as length buckets (one example per row, sorted runs padded to their
 own longest, one forward each; `thinkrl.train_engine.length_buckets`). The loss is the mean over the
 step's assistant tokens on this rank, whatever the layout or split: each micro-batch's summed NLL is
-divided by the step's token count, and multiplied back by the accumulation count that DeepSpeed divides
-by. All layouts therefore compute the same loss and gradient.
+divided by the step's token count (`TrainEngine.micro_step` undoes DeepSpeed's division by the
+accumulation count). All layouts and splits therefore compute the same loss and gradient.
 """
 
 from __future__ import annotations
@@ -66,11 +66,10 @@ class SFTWorker:
         for lo, hi in zip(bounds, bounds[1:], strict=False):
             parts = self._layouts(batch[lo:hi], pack_budget, layout)
             nll = sum(self._nll_sum(part) for part in parts)  # every part's graph, one backward
-            self.engine.backward(nll * (n_micro / n_tokens))  # DeepSpeed divides by n_micro
+            stats = self.engine.micro_step(nll / n_tokens)  # the shares add up to the step's mean NLL
             total += nll.item()
             input_tokens += sum(part.real_tokens for part in parts)
             slots += sum(part.slots for part in parts)
-        stats = self.engine.step()
         return {"loss": total / n_tokens, "tokens": n_tokens, "input_tokens": input_tokens, "slots": slots, **stats}
 
     def eval_sums(self, batch: list[EncodedConversation], pack_budget: int | None = None,

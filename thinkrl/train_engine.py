@@ -2,7 +2,7 @@
 
 A `TrainEngine` is one data-parallel rank: it joins the process group (gloo on CPU, NCCL on GPU), loads
 the model from a Hugging Face folder, wraps it with DeepSpeed (ZeRO stage from the recipe) and offers
-what both stages need: token log-probabilities, a backward/step pair, optimizer reset, weight export
+what both stages need: token log-probabilities, one micro-step (backward and step), optimizer reset, weight export
 and atomic Hugging Face / resumable checkpoints. It holds no algorithm: SFT and PMD workers compose it.
 
 Log-probs are computed from the decoder's hidden states with the output projection applied to chunks
@@ -146,12 +146,18 @@ class TrainEngine:
 
     # ---- update ----------------------------------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def micro_step(self, loss: torch.Tensor) -> dict[str, float]:
+        """Backward of one micro-batch, then DeepSpeed's step: the one way SFT and RL update the model.
 
-    def step(self) -> dict[str, float]:
-        """Optimizer step at the gradient-accumulation boundary; returns grad norm and learning rate."""
+        `loss` is this micro-batch's share of the optimizer step's loss (the shares of the step's
+        `micro_batches_per_step` micro-batches add up to the step's loss). DeepSpeed divides every
+        micro-batch's loss by the accumulation count and applies the optimizer, the clipping and the
+        schedule only at the accumulation boundary, counting micro-steps in `step()`: so `step()` must
+        follow every backward (k backwards and one `step()` would step every k-th call with k times the
+        gradient). Returns the learning rate, and the gradient norm at the boundary.
+        """
         at_boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss * self.engine.gradient_accumulation_steps())
         self.engine.step()
         stats = {"lr": float(self.scheduler.get_last_lr()[0])}
         if at_boundary:
