@@ -160,12 +160,13 @@ def tiny_run(kind: str, sft_steps: int | None, overrides: tuple[str, ...] = (), 
     """The tiny recipe's data and SFT warmup for `kind` ('tiny-dense' / 'tiny-moe'), cached in WORK_DIR.
 
     `sft_steps` None: the recipe's own warmup length.
-    Returns (recipe, run, sft_checkpoint). Every benchmark that needs "the tiny recipe's real length
+    Returns (recipe, run, sft_checkpoint, warmup data: `sft.train.Warmup`). Every benchmark that needs "the tiny recipe's real length
     distribution" starts from this checkpoint: a random model has no length distribution worth the
     name (it writes until max_tokens). A warmup that finished before is reused (rl.train's own rule).
     """
     from rl.config import Recipe
-    from rl.train import prepare_run, warmup
+    from rl.setup import prepare
+    from sft.train import run_warmup
     from thinkrl.config import load_recipe
 
     path = str(ROOT / "recipes" / "tiny.yaml")
@@ -174,7 +175,7 @@ def tiny_run(kind: str, sft_steps: int | None, overrides: tuple[str, ...] = (), 
     out = WORK_DIR / f"{kind}-sft{sft_steps}"
     recipe = load_recipe(Recipe, path, [f"run.output_dir={out}", f"model.name_or_path={kind}",
                                         f"sft.steps={sft_steps}", *overrides])
-    run = prepare_run(recipe)
+    run, warmup = prepare(recipe)
     init_ray()
-    sft_dir, _ = warmup(recipe, run, log)
-    return recipe, run, sft_dir
+    sft_dir, _ = run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed, log)
+    return recipe, run, sft_dir, warmup

@@ -2,7 +2,7 @@
 
 `ThinkrlLoop` drives thinkrl's real pieces exactly as `rl.train.rl_loop` does (the vLLM `RolloutEngine`
 actor, the DeepSpeed `PMDWorker`, the `RewardSet`, weight sync and probe), by calling
-`rl.train.run_iteration`, so every stage time is the driver's own.
+`rl.loop.run_iteration`, so every stage time is the driver's own.
 
 `TrlLoop` is TRL's `GRPOTrainer` on the same model, prompts (same chat template), k, max tokens, learning
 rate and optimizer steps per iteration (`steps_per_generation` = thinkrl's `rl.mini_batches`, all of one
@@ -31,35 +31,22 @@ class ThinkrlLoop:
     """thinkrl's PMD loop on `model_path`, one `run_iteration` per call of `iteration()`."""
 
     def __init__(self, recipe, run, model_path: Path, heldout_n: int, log=print) -> None:
-        import os
 
         from rewards.combine import RewardSet
-        from rl.train import Loop, probe_gap, start_actors
-        from rl.trainer import PMDSettings
-        from samplers import build_sampler
-        from thinkrl.chat import prompt_ids
+        from rl.setup import build_loop, heldout_prompts, start_actors
 
-        rl, tok, system = recipe.rl, run.tokenizer, recipe.data.system_prompt
         self.recipe, self.run, self.log = recipe, run, log
-        self.trainers, self.engines = start_actors(recipe, model_path, None, {}, log)
+        self.trainers, self.engines = start_actors(recipe, model_path, None)
         rc = recipe.reward
         self.pool = RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures)
         self.heldout_rows = run.heldout_rows[:heldout_n]
-        self.heldout_prompts = [prompt_ids(tok, r["prompt"], system) for r in self.heldout_rows]
-        probe_ids = self.heldout_prompts[0] + tok("<think>Plan: check.</think>\\boxed{0}",
-                                                  add_special_tokens=False)["input_ids"]
-        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
-        self.loop = Loop(recipe, run, self.trainers, self.engines, self.pool,
-                         build_sampler(recipe.sampler, run.train_rows, recipe.run.seed),
-                         [prompt_ids(tok, r["prompt"], system) for r in run.train_rows],
-                         PMDSettings.from_recipe(rl),
-                         probe_ids, len(self.heldout_prompts[0]), shm / f"thinkrl-bench-{os.getpid()}.safetensors",
-                         probe_gap(self.trainers, self.engines, probe_ids, len(self.heldout_prompts[0])))
+        self.heldout_prompts = heldout_prompts(recipe, run)[:heldout_n]
+        self.loop = build_loop(recipe, run, self.trainers, self.engines, self.pool, {}, sync_name="bench")
         self.done = 0
 
     def iteration(self) -> dict[str, Any]:
         """One PMD iteration; returns response tokens, wall seconds, tokens/s and the stage times."""
-        from rl.train import run_iteration
+        from rl.loop import run_iteration
 
         self.done += 1
         rl = self.recipe.rl
@@ -81,16 +68,21 @@ class ThinkrlLoop:
                 "update_stats": {k: v for k, v in record.items() if k.startswith("losses/")}}
 
     def evaluate(self, seed: int = 10**6) -> dict:
-        """Held-out accuracy of the engine's current weights (rl.train.evaluate on the first heldout_n)."""
-        from rl.train import evaluate
+        """Held-out accuracy of the engine's current weights (rl.generation.evaluate on the first heldout_n)."""
+        from rl.generation import evaluate
+        from rollout.engine import RolloutSettings
 
-        return evaluate(self.engines, self.pool, self.heldout_prompts, self.heldout_rows, self.recipe, seed)
+        ev = self.recipe.eval
+        settings = RolloutSettings(n=ev.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
+                                   max_tokens=ev.max_tokens, seed=seed)
+        return evaluate(self.engines, self.pool, self.heldout_prompts, self.heldout_rows, settings,
+                        iteration=self.recipe.rl.iterations)
 
     def evaluate_weights(self, state_dict: dict, seed: int = 10**6) -> dict:
         """Held-out accuracy of foreign weights (TRL's), through the same engine; thinkrl's are restored."""
         from safetensors.torch import save_file
 
-        from rl.train import sync_weights
+        from rl.sync import sync_weights
 
         path = self.loop.sync_file.with_name(self.loop.sync_file.name + ".other")
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path))

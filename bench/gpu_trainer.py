@@ -131,9 +131,7 @@ def throughput(spec: str, args, log) -> dict:
     for step in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        logp = engine.token_logprobs(ids, attn, target)
-        loss = -logp.sum() / target[:, 1:].sum()
-        engine.micro_step(loss)
+        engine.train_step([ids], lambda batch: -engine.token_logprobs(batch, attn, target).sum() / target[:, 1:].sum())
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)

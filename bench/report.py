@@ -168,7 +168,7 @@ def section_rollout(out: list[str], status: dict) -> None:
         return
     s = r["settings"]
     out.append(f"`{r['command']}`\n")
-    out.append(f"Tokens/s of `rl.train.generate` through the `RolloutEngine` Ray actor (k samples, per-token "
+    out.append(f"Tokens/s of `rl.generation.generate` through the `RolloutEngine` Ray actor (k samples, per-token "
                f"log-probs, results returned to the driver) divided by a bare in-process `vllm.LLM.generate` "
                f"with vLLM's default output settings on the same SFT checkpoint, prompts and sampling settings "
                f"({s['prompts']} prompts x n={s['k']}, max {s['max_tokens']} tokens, temperature "

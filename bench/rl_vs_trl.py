@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     # the engine as the recipe builds it (the tiny recipe: without torch.compile; TRL's vLLM mode likewise,
     # bench/contenders.py)
     t0 = time.time()
-    recipe, run, sft_dir = tiny_run(args.model, args.sft_steps, overrides)
+    recipe, run, sft_dir, _ = tiny_run(args.model, args.sft_steps, overrides)
     init_ray()
     print(f"[bench] {args.model}: SFT checkpoint ready ({time.time() - t0:.0f}s)", flush=True)
     iterations = args.reps + 2

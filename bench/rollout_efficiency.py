@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rollout_efficiency.py --reps 5
 
-thinkrl's side is what the RL driver calls: `rl.train.generate` over the `RolloutEngine` Ray actor, k
+thinkrl's side is what the RL driver calls: `rl.generation.generate` over the `RolloutEngine` Ray actor, k
 samples per prompt with per-token log-probs, results shipped back to the driver as `Completion`s. The
 baseline is a bare `vllm.LLM` in this process on the same checkpoint (the tiny recipe's SFT warmup, so
 lengths are the real ones), the same prompts, n, max tokens, temperature and engine settings, called
@@ -36,10 +36,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_env()
 
-    recipe, run, sft_dir = tiny_run("tiny-dense", args.sft_steps, ("rollout.enforce_eager=true",))
+    recipe, run, sft_dir, _ = tiny_run("tiny-dense", args.sft_steps, ("rollout.enforce_eager=true",))
     import ray
 
-    from rl.train import generate
+    from rl.generation import generate
     from rollout.engine import EngineSettings, RolloutEngine, RolloutSettings
     from thinkrl.chat import prompt_ids
     from thinkrl.cluster import actor_env, remote_actor

@@ -115,11 +115,12 @@ def trainer_throughput(sft_dir: Path, examples: list, batch: int, budget: int, r
     def step(parts: list) -> dict:
         start = time.perf_counter()
         n_targets = max(1, sum(int(p.target_mask_B_T.sum()) for p in parts))
-        loss = 0.0
-        for p in parts:
-            logp = engine.token_logprobs(p.input_ids_B_T, p.attention_mask_B_T, p.target_mask_B_T, p.position_ids_B_T)
-            loss = loss - logp.sum() / n_targets
-        engine.micro_step(loss)
+
+        def loss_of(parts: list):
+            return sum(-engine.token_logprobs(p.input_ids_B_T, p.attention_mask_B_T, p.target_mask_B_T,
+                                             p.position_ids_B_T).sum() / n_targets for p in parts)
+
+        engine.train_step([parts], loss_of)
         wall = time.perf_counter() - start
         tokens = sum(p.real_tokens for p in parts)
         return {"tokens": tokens, "slots": sum(p.slots for p in parts), "forwards": len(parts), "wall_s": wall,
@@ -173,12 +174,12 @@ def main(argv=None) -> int:
         print(f"[bench] log-prob memory, chunk {chunk or 'whole'}: {memory}", flush=True)
     logits_mib = args.seq_len * args.vocab * 4 / 2**20
 
-    recipe, run, sft_dir = tiny_run("tiny-dense", args.sft_steps)
+    recipe, run, sft_dir, warmup = tiny_run("tiny-dense", args.sft_steps)
     from sft.train import load_sft_examples
 
-    examples = run.sft_examples
+    examples = warmup.examples
     if not examples:  # the warmup ran before: read its data again
-        examples, _ = load_sft_examples(recipe.sft.model_copy(update={"data_file": str(run.sft_data_file)}),
+        examples, _ = load_sft_examples(recipe.sft.model_copy(update={"data_file": str(warmup.data_file)}),
                                         run.tokenizer)
     sft_lengths = [len(e.input_ids) for e in examples]
     shares = {"sft": packing_shares(sft_lengths, recipe.sft.batch_size, recipe.sft.max_seq_len)}

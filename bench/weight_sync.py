@@ -3,7 +3,7 @@
     .venv/bin/python bench/weight_sync.py --models tiny-dense tiny-moe large --reps 5
 
 For each model a real DeepSpeed `PMDWorker` actor and a real `RolloutEngine` actor are started, and the
-driver's own path is timed (`rl.train.sync_weights`: the trainer writes one safetensors file to
+driver's own path is timed (`rl.sync.sync_weights`: the trainer writes one safetensors file to
 /dev/shm, the engine's workers load it in place, then the prefix cache is dropped), split into export
 and load. GB/s = parameter bytes / seconds.
 
@@ -72,7 +72,7 @@ def build_large_model(out: Path, params: float) -> Path:
 def measure(model_path: Path, reps: int) -> dict:
     import ray
 
-    from rl.train import sync_weights
+    from rl.sync import sync_weights
     from rl.trainer import PMDWorker
     from rollout.engine import EngineSettings, RolloutEngine
     from thinkrl.cluster import remote_actor, trainer_group

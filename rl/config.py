@@ -10,37 +10,7 @@ from rewards.config import RewardSpec, RewardSpecs, resolve_specs
 from samplers.config import SamplerConfig
 from sft.config import SFTConfig
 from thinkrl.config import Strict
-
-
-class RunConfig(Strict):
-    output_dir: str = Field("runs/tiny", description="run directory; a second submission with it resumes")
-    seed: int = Field(0, description="seed of data, sampling, initialisation")
-    cache_dir: str = Field("~/.cache/thinkrl", description="where built tiny models are cached")
-
-
-class ModelConfig(Strict):
-    name_or_path: str = Field("tiny-dense", description="'tiny-dense', 'tiny-moe' (built offline) or a local HF folder")
-
-
-class DataConfig(Strict):
-    task: Literal["arithmetic", "files"] = Field("arithmetic", description="embedded task, or your JSONL files")
-    train_file: str | None = Field(None, description="JSONL of RL prompts (task=files)")
-    heldout_file: str | None = Field(None, description="JSONL of held-out prompts (task=files)")
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    system_prompt: str | None = None
-    n_train: int = Field(3000, ge=1, description="arithmetic: RL training problems")
-    n_heldout: int = Field(300, ge=1, description="arithmetic: held-out problems")
-    min_ops: int = Field(1, ge=1, le=10)
-    max_ops: int = Field(5, ge=1, le=10)
-
-    @model_validator(mode="after")
-    def _files_given(self):
-        if self.task == "files" and not (self.train_file and self.heldout_file):
-            raise ValueError("task 'files' needs data.train_file and data.heldout_file")
-        if self.min_ops > self.max_ops:
-            raise ValueError("data.min_ops must be <= data.max_ops")
-        return self
+from thinkrl.run import DataConfig, ModelConfig, RunConfig
 
 
 class RolloutConfig(Strict):
@@ -79,7 +49,9 @@ class RLConfig(Strict):
     prompts_per_iteration: int = Field(32, ge=1)
     samples_per_prompt: int = Field(8, ge=2, description="k; the group baseline needs >= 2")
     mini_batches: int = Field(4, ge=1, description="optimizer steps per iteration")
-    micro_batches_per_step: int = Field(1, ge=1, description="gradient accumulation inside a mini-batch")
+    max_tokens_per_micro_batch: int = Field(
+        0, ge=0, description="prompt + response tokens of one micro-batch on one rank (0: a rank's share of a "
+        "step in one micro-batch); micro-batches may split prompt groups (advantages are per sample)")
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -89,7 +61,7 @@ class RLConfig(Strict):
     reset_optimizer: bool = Field(True, description="k1.5 resets the optimizer every iteration")
     old_logprobs: Literal["trainer", "rollout"] = Field(
         "trainer", description="log pi_theta_i of the KL term: the trainer's own (exact; one no-grad pass over all "
-        "but the first mini-batch) or vLLM's sampled-token log-probs (no pass; only where engine and trainer "
+        "but the first step) or vLLM's sampled-token log-probs (no pass; only where engine and trainer "
         "compute alike, e.g. float32 on CPU: watch sync/logprob_gap_rollout_vs_trainer)")
     drop_uniform_groups: bool = Field(
         False, description="leave prompt groups whose k rewards are all equal out of the update (under the mean "
@@ -108,11 +80,8 @@ class RLConfig(Strict):
 
     @model_validator(mode="after")
     def _groups_fill_steps(self):
-        if self.prompts_per_iteration < self.mini_batches * self.micro_batches_per_step * self.num_trainers:
-            raise ValueError(
-                "rl.prompts_per_iteration must be >= mini_batches * micro_batches_per_step * num_trainers "
-                "(each micro-batch holds whole prompt groups)"
-            )
+        if self.prompts_per_iteration < self.mini_batches:
+            raise ValueError("rl.prompts_per_iteration must be >= rl.mini_batches (each step takes whole prompt groups)")
         return self
 
 

@@ -16,6 +16,12 @@ tau * log mean_j exp(r_j / tau)). We return L / (2 tau), whose gradient is
 so at theta = theta_i (log-ratio 0) it is exactly minus the mean-baseline policy gradient, whatever tau,
 and the tau term pulls the policy back toward the previous iterate. No value network and no frozen
 reference model: the previous iterate is the reference.
+
+The baseline is the only thing that couples the samples of a prompt group. The trainer therefore
+takes each sample's advantage a_j = r_j - b_j (`advantages`, computed once on the driver, where whole
+groups are at hand) and the per-sample terms (a_j - tau*d_j)^2 / (2 tau) (`pmd_terms`): the loss is
+their mean, so a micro-batch may hold any subset of samples (less than a group, or parts of several),
+and the gradients of its sums over micro-batches add up to that of `pmd_loss` (tested).
 """
 
 from __future__ import annotations
@@ -49,6 +55,47 @@ def pmd_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, tau: float,
         )[inverse]
         return tau * (group_max + torch.log(group_mean(torch.exp(scaled - group_max), group_ids)))
     raise ValueError(f"baseline must be 'mean' or 'logsumexp', got {baseline!r}")
+
+
+def advantages(rewards: torch.Tensor, group_ids: torch.Tensor, tau: float,
+               baseline: Literal["mean", "logsumexp"] = "mean") -> torch.Tensor:
+    """Each sample's reward minus its group's baseline (`pmd_baseline`), [N].
+
+    Example:
+        >>> advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 0, 1, 1]), tau=0.1)
+        tensor([ 0.6667, -0.3333, -0.3333,  0.0000,  0.0000])
+    """
+    return rewards - pmd_baseline(rewards, group_ids, tau, baseline)
+
+
+def pmd_terms(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, tau: float, *,
+              num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-sample terms (a_j - tau * d_j)^2 / (2 tau) of the PMD loss, [N]; their mean is `pmd_loss`.
+
+    Args:
+        logp: [N] log pi_theta(y_j | x_j), summed over the response tokens; differentiable.
+        logp_old: [N] the same under theta_i (no gradient is taken through it).
+        advantages: [N] r_j minus the group baseline (`advantages`).
+        tau: the KL coefficient, > 0.
+        num_tokens: optional [N] response lengths: the log-ratio per token instead of per sequence.
+
+    Example (two micro-batches of one group give the gradient of the whole group):
+        >>> logp = torch.tensor([-3.0, -5.0, -4.0], requires_grad=True)
+        >>> adv = advantages(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0, 0, 0]), tau=0.1)
+        >>> (pmd_terms(logp[:1], logp[:1].detach(), adv[:1], 0.1).sum() / 3).backward()
+        >>> (pmd_terms(logp[1:], logp[1:].detach(), adv[1:], 0.1).sum() / 3).backward()
+        >>> logp.grad  # -(r - r_bar) / N, as pmd_loss over the whole group
+        tensor([-0.2222,  0.1111,  0.1111])
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    shapes = {t.shape for t in (logp, logp_old, advantages)}
+    if len(shapes) != 1 or logp.dim() != 1:
+        raise ValueError(f"logp, logp_old and advantages must be 1-D of equal length, got {shapes}")
+    log_ratio = logp - logp_old.to(logp.dtype).detach()
+    if num_tokens is not None:
+        log_ratio = log_ratio / num_tokens.to(logp.dtype).clamp(min=1)
+    return (advantages.to(logp.dtype) - tau * log_ratio) ** 2 / (2 * tau)
 
 
 def pmd_loss(
@@ -89,9 +136,5 @@ def pmd_loss(
     shapes = {t.shape for t in (logp, logp_old, rewards, group_ids)}
     if len(shapes) != 1 or logp.dim() != 1:
         raise ValueError(f"logp, logp_old, rewards and group_ids must be 1-D of equal length, got {shapes}")
-    rewards = rewards.to(logp.dtype)
-    log_ratio = logp - logp_old.detach()
-    if num_tokens is not None:
-        log_ratio = log_ratio / num_tokens.to(logp.dtype).clamp(min=1)
-    target = rewards - pmd_baseline(rewards, group_ids, tau, baseline)
-    return ((target - tau * log_ratio) ** 2).mean() / (2 * tau)
+    adv = advantages(rewards.to(logp.dtype), group_ids, tau, baseline)
+    return pmd_terms(logp, logp_old, adv, tau, num_tokens=num_tokens).mean()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from thinkrl.config import Strict
+from thinkrl.run import DataConfig, ModelConfig, RunConfig
 
 
 class SFTStage(Strict):
@@ -77,3 +78,35 @@ class SFTConfig(Strict):
     @property
     def total_steps(self) -> int:
         return self.steps + (self.second_stage.steps if self.second_stage else 0)
+
+
+class TrainerResources(BaseModel):
+    """The trainer group's shape, from the recipe's `rl` section: the warmup runs on the same group as RL.
+
+    Only these keys of `rl` are read here (the rest is the RL run's, validated by `rl.config.Recipe`).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    num_trainers: int = Field(1, ge=1)
+    gpus_per_trainer: float = Field(0.0, ge=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    gradient_checkpointing: bool = False
+
+
+class SFTRecipe(Strict):
+    """What `python -m sft.train recipe.yaml` reads of a recipe: run, model, data, sft and the trainer group.
+
+    The RL sections (rollout, reward, sampler, eval, the rest of rl) belong to the RL run: accepted here
+    unread, so one recipe serves both commands.
+    """
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    rl: TrainerResources = TrainerResources()
+    rollout: dict = {}
+    reward: dict = {}
+    sampler: dict = {}
+    eval: dict = {}

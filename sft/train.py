@@ -19,15 +19,11 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from sft.config import SFTConfig
+from sft.config import SFTConfig, TrainerResources
 from thinkrl.fileio import atomic_directory, atomic_write_json
-
-
-def _as_sft_config(sft) -> SFTConfig:
-    """Accept rl.config's older SFTConfig (a subset of the fields) until the recipe uses this one."""
-    return sft if isinstance(sft, SFTConfig) else SFTConfig.model_validate(sft.model_dump())
 
 
 def optim_config(sft: SFTConfig):
@@ -96,7 +92,6 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     from thinkrl.cluster import trainer_group
     from thinkrl.train_engine import DistConfig
 
-    sft = _as_sft_config(sft)
     out_dir = Path(out_dir)
     if heldout is None:
         examples, heldout = split_heldout(examples, sft.eval_fraction, seed, cap=sft.eval_max_examples)
@@ -115,8 +110,7 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     workers = trainer_group(
         SFTWorker, num_trainers,
         lambda rank, addr, port: (model_path, optim,
-                                  DistConfig(rank, num_trainers, addr, port, zero, sft.micro_batches, checkpointing),
-                                  seed),
+                                  DistConfig(rank, num_trainers, addr, port, zero, checkpointing), seed, sft.micro_batches),
         gpus_per_rank=gpus_per_trainer,
     )
     state_root = out_dir.with_name(out_dir.name + "-state")
@@ -188,7 +182,6 @@ def load_sft_examples(sft, tokenizer, log=print) -> tuple[list, list | None]:
     """
     from sft.data import encode_rows, load_rows
 
-    sft = _as_sft_config(sft)
     longest = max(sft.max_seq_len, sft.second_stage.max_seq_len if sft.second_stage else 0)
     out = []
     for path in (sft.data_file, sft.eval_file):
@@ -223,30 +216,90 @@ def build_arithmetic_sft_data(prompt_rows: list[dict], out_dir: Path, seed: int,
     return Path(out_dir) / "data.jsonl"
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Warmup:
+    """The warmup's data: its file (given, or built into the run) and, unless it finished, its examples."""
+
+    data_file: Path
+    examples: list
+    heldout: list | None
+
+
+def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | None:
+    """Validate (and for the arithmetic task, build once) the warmup's data; None when `sft.enabled` is off.
+
+    `data` is the recipe's data section and `run` a prepared `thinkrl.run.Run`. A finished warmup (its
+    Hugging Face folder exists) is not read again: its examples come back empty.
+    """
+    from thinkrl.tasks import arithmetic
+
+    if not sft.enabled:
+        return None
+    if not sft.data_file and data.task != "arithmetic":
+        raise ValueError(f"{run.dir}: sft.enabled needs sft.data_file when data.task is 'files'")
+    data_file = Path(sft.data_file) if sft.data_file else run.dir / "data" / "sft-cot" / "data.jsonl"
+    if (run.dir / "checkpoints" / "sft" / "config.json").exists():
+        return Warmup(data_file, [], None)
+    if not sft.data_file:
+        # the warmup data goes through the dataset builder (python -m sft.build_cot) with the
+        # programmatic teacher, unverified: its slips are part of the recipe
+        prompts = arithmetic.make_rows(sft.n_examples, seed=seed + 2, min_ops=data.min_ops, max_ops=data.max_ops,
+                                       exclude={r["prompt"] for r in run.heldout_rows})
+        data_file = build_arithmetic_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log)
+    examples, heldout = load_sft_examples(sft.model_copy(update={"data_file": str(data_file)}), run.tokenizer, log=log)
+    return Warmup(data_file, examples, heldout)
+
+
+def run_warmup(sft: SFTConfig, trainers: TrainerResources, warmup: Warmup | None, run, seed: int,
+               log=print) -> tuple[Path, float | None]:
+    """Run the warmup unless it finished before; returns the model RL starts from and the warmup's wall time."""
+    sft_dir = run.dir / "checkpoints" / "sft"
+    if warmup is None:
+        return run.base_model, None
+    if not (sft_dir / "config.json").exists():
+        log(f"[sft] warmup: {len(warmup.examples)} conversations, {sft.steps} steps")
+        t0 = time.time()
+        stats = run_sft(sft, warmup.examples, str(run.base_model), sft_dir, seed, trainers.num_trainers,
+                        trainers.zero_stage, trainers.gpus_per_trainer, log=log, heldout=warmup.heldout,
+                        metrics_file=run.dir / "sft_metrics.jsonl",
+                        gradient_checkpointing=trainers.gradient_checkpointing)
+        atomic_write_json(run.dir / "sft_stats.json", {**stats, "wall_seconds": time.time() - t0})
+    stats_file = run.dir / "sft_stats.json"
+    return sft_dir, json.loads(stats_file.read_text())["wall_seconds"] if stats_file.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="recipe YAML (its sft, model, data and run sections are used)")
+    parser.add_argument("recipe", help="recipe YAML (its run, model, data and sft sections, and rl's trainer group)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.steps=100")
     args = parser.parse_args(argv)
 
-    from rl.config import Recipe
-    from rl.train import prepare_run
+    from sft.config import SFTRecipe
     from thinkrl.cluster import init_ray
-    from thinkrl.config import load_recipe
+    from thinkrl.config import RecipeError, dump_recipe, load_recipe
+    from thinkrl.fileio import DataError
+    from thinkrl.run import prepare_run
 
-    recipe = load_recipe(Recipe, args.recipe, args.overrides)
-    run = prepare_run(recipe)
+    try:
+        recipe = load_recipe(SFTRecipe, args.recipe, args.overrides)
+        run = prepare_run(recipe.run, recipe.model, recipe.data)
+        warmup = prepare_warmup(recipe.sft, recipe.data, recipe.run.seed, run)
+    except (RecipeError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if warmup is None:
+        print("error: sft.enabled is false: nothing to do", file=sys.stderr)
+        return 2
     out = run.dir / "checkpoints" / "sft"
     if (out / "config.json").exists():
         print(f"{out}: the warmup finished before; nothing to do")
-        return
+        return 0
+    dump_recipe(recipe, run.dir / "sft_config.yaml")
     init_ray()
-    stats = run_sft(recipe.sft, run.sft_examples, str(run.base_model), out, recipe.run.seed,
-                    recipe.rl.num_trainers, recipe.rl.zero_stage, recipe.rl.gpus_per_trainer,
-                    heldout=run.sft_heldout, metrics_file=run.dir / "sft_metrics.jsonl",
-                    gradient_checkpointing=recipe.rl.gradient_checkpointing)
-    print(json.dumps(stats))
+    run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed)
+    print(json.dumps(json.loads((run.dir / "sft_stats.json").read_text())))
     print(out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The SFT trainer rank: next-token cross-entropy on assistant tokens, through the shared TrainEngine.
 
-A step's examples are split into `micro_batches_per_step` groups (gradient accumulation); each group
+A step's examples are split into `micro_batches` groups (gradient accumulation); each group
 goes through one backward pass, as one padded batch (no packing), as packed rows (several examples per
 row, block-diagonal attention) or as length buckets (one example per row, sorted runs padded to their
 own longest, one forward each; `thinkrl.train_engine.length_buckets`). The loss is the mean over the
 step's assistant tokens on this rank, whatever the layout or split: each micro-batch's summed NLL is
-divided by the step's token count (`TrainEngine.micro_step` undoes DeepSpeed's division by the
-accumulation count). All layouts and splits therefore compute the same loss and gradient.
+divided by the step's token count (`TrainEngine.train_step` adds the micro-batches up). All layouts
+and splits therefore compute the same loss and gradient.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine
 class SFTWorker:
     """One rank of the SFT trainer group. Created as a Ray actor by the SFT driver."""
 
-    def __init__(self, model_path: str, optim: OptimConfig, dist: DistConfig, seed: int) -> None:
+    def __init__(self, model_path: str, optim: OptimConfig, dist: DistConfig, seed: int, micro_batches: int = 1) -> None:
         self.engine = TrainEngine(model_path, optim, dist, seed=seed)
         self.pad_id = self.engine.tokenizer.pad_token_id
-        self.micro_batches = dist.micro_batches_per_step
+        self.micro_batches = micro_batches
         self.zero_stage = dist.zero_stage
 
     def _layouts(self, examples: list[EncodedConversation], pack_budget: int | None, layout: str) -> list[Batch]:
@@ -62,15 +62,11 @@ class SFTWorker:
             raise ValueError(f"a step of {len(batch)} examples cannot fill {n_micro} micro-batches")
         n_tokens = max(1, self._loss_tokens(batch))
         bounds = [len(batch) * k // n_micro for k in range(n_micro + 1)]
-        total, input_tokens, slots = 0.0, 0, 0
-        for lo, hi in zip(bounds, bounds[1:], strict=False):
-            parts = self._layouts(batch[lo:hi], pack_budget, layout)
-            nll = sum(self._nll_sum(part) for part in parts)  # every part's graph, one backward
-            stats = self.engine.micro_step(nll / n_tokens)  # the shares add up to the step's mean NLL
-            total += nll.item()
-            input_tokens += sum(part.real_tokens for part in parts)
-            slots += sum(part.slots for part in parts)
-        return {"loss": total / n_tokens, "tokens": n_tokens, "input_tokens": input_tokens, "slots": slots, **stats}
+        micro = [self._layouts(batch[lo:hi], pack_budget, layout) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+        # every part's graph, one backward per micro-batch; the shares add up to the step's mean NLL
+        stats = self.engine.train_step(micro, lambda parts: sum(self._nll_sum(part) for part in parts) / n_tokens)
+        return {**stats, "tokens": n_tokens, "input_tokens": sum(p.real_tokens for parts in micro for p in parts),
+                "slots": sum(p.slots for parts in micro for p in parts)}
 
     def eval_sums(self, batch: list[EncodedConversation], pack_budget: int | None = None,
                   layout: str = "auto") -> tuple[float, int]:

@@ -63,9 +63,10 @@ def server(tiny_dense, tmp_path_factory):
                     served = [m["id"] for m in json.loads(reply.read())["data"]]
                 break
             except OSError:
-                assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}"
-                assert time.monotonic() < deadline, f"no answer on /v1/models in 300 s:\n{log_path.read_text()[-4000:]}"
-                time.sleep(1)
+                pass  # not up yet
+            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no answer on /v1/models in 300 s:\n{log_path.read_text()[-4000:]}"
+            time.sleep(1)
         assert served == ["tiny"], served
         yield f"http://127.0.0.1:{port}/v1"
     finally:

@@ -44,11 +44,9 @@ def test_files_task_needs_files(tmp_path):
 
 
 def test_rollout_logprobs_refused_where_engine_and_trainer_differ():
-    from rl.config import RLConfig
-    from rl.train import check_old_logprobs
+    from rl.sync import check_old_logprobs
 
-    rollout = RLConfig(old_logprobs="rollout", probe_tolerance=1e-3)
-    check_old_logprobs(rollout, 5e-7)  # float32 tiny dense: accepted
+    check_old_logprobs("rollout", 5e-7, 1e-3)  # float32 tiny dense: accepted
     with pytest.raises(ValueError, match=r"rl.old_logprobs=rollout .* 2.0e-02"):
-        check_old_logprobs(rollout, 2e-2)
-    check_old_logprobs(RLConfig(old_logprobs="trainer"), 2e-2)  # the trainer's own log-probs: always fine
+        check_old_logprobs("rollout", 2e-2, 1e-3)
+    check_old_logprobs("trainer", 2e-2, 1e-3)  # the trainer's own log-probs: always fine

@@ -21,7 +21,9 @@ USER = ["reward.rewards=[math, {name: keyword, weight: 0.1}, {name: 'user_reward
         "sampler.kind=curriculum+prioritized", "sampler.iterations_per_level=2"]
 SMALL = ["sft.steps=15", "sft.n_examples=300", "sft.log_every=5", "data.n_train=64", "data.n_heldout=12",
          "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rl.mini_batches=2", "rl.checkpoint_every=1",
-         "eval.samples_per_prompt=2", "rollout.max_tokens=64", "eval.max_tokens=64", "rollout.enforce_eager=true"]
+         "eval.samples_per_prompt=2", "rollout.max_tokens=64", "eval.max_tokens=64", "rollout.enforce_eager=true",
+         # micro-batches of at most 120 tokens on the rank: ~1-2 samples, less than a group of 4
+         "rl.max_tokens_per_micro_batch=120"]
 
 
 def _train(run_dir, cache, *overrides, check=True, pythonpath=""):
@@ -82,6 +84,8 @@ def test_metrics_have_the_loop_and_the_sync_check(finished_run):
                     "sampler/curriculum/level"):
             assert key in r, key
         assert r["reward/failures"] == 0
+        # rl.max_tokens_per_micro_batch=120: a step's 2 groups of 4 samples went through in smaller pieces
+        assert r["optim/steps"] == 2 and r["optim/micro_batches_per_step"] >= 3
 
 
 def test_sampler_state_is_in_every_checkpoint(finished_run):

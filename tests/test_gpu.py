@@ -56,15 +56,14 @@ def test_train_engine_bf16_with_checkpointing_learns(tiny_dense):
     mask = torch.ones_like(ids)
     losses = []
     for _ in range(8):
-        logp = engine.token_logprobs(ids, mask, mask)
-        loss = -logp.sum() / mask[:, 1:].sum()
-        stats = engine.micro_step(loss)
-        losses.append(loss.item())
+        stats = engine.train_step([ids], lambda batch: -engine.token_logprobs(batch, mask, mask).sum() / mask[:, 1:].sum())
+        losses.append(stats["loss"])
     assert stats["grad_norm"] > 0
     assert losses[-1] < losses[0] - 0.5, losses
 
 
 def test_pmd_update_on_cuda(tiny_dense):
+    from rl.batching import StepPlan
     from rl.trainer import PMDSettings, PMDWorker, Sample
     from thinkrl.chat import prompt_ids
     from thinkrl.cluster import free_port
@@ -76,9 +75,9 @@ def test_pmd_update_on_cuda(tiny_dense):
     samples = []
     for reward, text in ((1.0, "<think>3+4=7</think>\\boxed{7}"), (0.0, "<think>3+4=8</think>\\boxed{8}")):
         ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        samples.append(Sample(prompt, ids, reward, 0, worker.probe_logprobs(prompt + ids, len(prompt))))
+        samples.append(Sample(prompt, ids, reward - 0.5, worker.probe_logprobs(prompt + ids, len(prompt))))
     before = [sum(s.rollout_logprobs) for s in samples]
-    stats = worker.update(samples, PMDSettings(tau=0.1, mini_batches=1))
+    stats = worker.update(samples, [StepPlan([list(range(len(samples)))], len(samples))], PMDSettings(tau=0.1))
     after = [sum(worker.probe_logprobs(s.prompt_ids + s.response_ids, len(s.prompt_ids))) for s in samples]
     assert after[0] > before[0] and after[1] < before[1]
     # bf16: the batched recompute and the one-sequence probe round differently, but not by much

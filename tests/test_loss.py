@@ -80,3 +80,25 @@ def test_bad_inputs_are_rejected():
         pmd_loss(x, x, x, x.long(), 0.0)
     with pytest.raises(ValueError, match="equal length"):
         pmd_loss(x, torch.zeros(2), x, x.long(), 0.1)
+
+
+def test_per_sample_terms_in_any_micro_batches_give_the_paper_loss_gradient():
+    """The trainer's form (advantages on the driver, per-sample terms summed over micro-batches that cut
+    through groups) has exactly the gradient of pmd_loss over the whole batch, tau term included."""
+    from rl.loss import advantages, pmd_terms
+
+    logits, logp = _policy(n_samples=6)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    logp_old = (logp() + torch.randn(6) * 0.3).detach()  # away from theta_i: the tau term acts
+    for tau, baseline, norm in ((0.1, "mean", None), (0.5, "logsumexp", torch.tensor([5, 5, 4, 3, 5, 2]))):
+        logits.grad = None
+        pmd_loss(logp(), logp_old, rewards, groups, tau, baseline=baseline, num_tokens=norm).backward()
+        want = logits.grad.clone()
+        logits.grad = None
+        adv = advantages(rewards, groups, tau, baseline)
+        for micro in ([0, 4], [1], [2, 3, 5]):  # micro-batches smaller than a group, across groups
+            idx = torch.tensor(micro)
+            terms = pmd_terms(logp()[idx], logp_old[idx], adv[idx], tau, num_tokens=None if norm is None else norm[idx])
+            (terms.sum() / 6).backward()
+        torch.testing.assert_close(logits.grad, want)

@@ -148,7 +148,7 @@ def test_gradient_accumulation_takes_the_same_steps(tiny_dense, tokenizer):
     runs = {}
     for micro in (1, 2):
         worker = SFTWorker(str(tiny_dense), OptimConfig(lr=3e-3, warmup_steps=2, total_steps=6),
-                           DistConfig(master_port=free_port(), micro_batches_per_step=micro), seed=0)
+                           DistConfig(master_port=free_port()), seed=0, micro_batches=micro)
         runs[micro] = [worker.train_step(examples[i * 8 : (i + 1) * 8], 512) for i in range(3)]
     for one, two in zip(runs[1], runs[2], strict=True):
         assert two["lr"] == pytest.approx(one["lr"], rel=1e-9)

@@ -2,7 +2,7 @@
 
 A `TrainEngine` is one data-parallel rank: it joins the process group (gloo on CPU, NCCL on GPU), loads
 the model from a Hugging Face folder, wraps it with DeepSpeed (ZeRO stage from the recipe) and offers
-what both stages need: token log-probabilities, one micro-step (backward and step), optimizer reset, weight export
+what both stages need: token log-probabilities, one train step (accumulation, clipping, schedule), optimizer reset, weight export
 and atomic Hugging Face / resumable checkpoints. It holds no algorithm: SFT and PMD workers compose it.
 
 Log-probs are computed from the decoder's hidden states with the output projection applied to chunks
@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,7 +55,6 @@ class DistConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     zero_stage: int = 1
-    micro_batches_per_step: int = 1
     # recompute each decoder layer's activations in backward: memory for long sequences, ~1/3 more compute
     gradient_checkpointing: bool = False
 
@@ -119,8 +122,9 @@ class TrainEngine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": dist.micro_batches_per_step,
-            "train_batch_size": dist.micro_batches_per_step * dist.world_size,
+            # accumulation is train_step's: any number of micro-batches per step, the boundary set by hand
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": dist.world_size,
             "gradient_clipping": optim.grad_clip,
             "zero_optimization": {"stage": dist.zero_stage},
             "bf16": {"enabled": self.dtype == "bfloat16"},
@@ -146,24 +150,33 @@ class TrainEngine:
 
     # ---- update ----------------------------------------------------------------------------------
 
-    def micro_step(self, loss: torch.Tensor) -> dict[str, float]:
-        """Backward of one micro-batch, then DeepSpeed's step: the one way SFT and RL update the model.
+    def train_step(self, micro_batches: Sequence[T], loss_of: Callable[[T], torch.Tensor]) -> dict[str, float]:
+        """One optimizer step over `micro_batches`: the one way SFT and RL update the model.
 
-        `loss` is this micro-batch's share of the optimizer step's loss (the shares of the step's
-        `micro_batches_per_step` micro-batches add up to the step's loss). DeepSpeed divides every
-        micro-batch's loss by the accumulation count and applies the optimizer, the clipping and the
-        schedule only at the accumulation boundary, counting micro-steps in `step()`: so `step()` must
-        follow every backward (k backwards and one `step()` would step every k-th call with k times the
-        gradient). Returns the learning rate, and the gradient norm at the boundary.
+        For each micro-batch, `loss_of(micro_batch)` runs the forward pass and returns that micro-batch's
+        share of this rank's loss (the shares add up to the rank's loss for the step), and its backward
+        runs at once; then DeepSpeed reduces the gradients over the ranks (their mean), clips them,
+        applies the optimizer and advances the schedule, once. The count may change from step to step;
+        every rank must pass the same count (ZeRO-2/3 reduce during each backward): pad with a
+        micro-batch whose loss is zero but computed from the model.
+
+        Returns the summed loss, the learning rate the step used, and the gradient norm before clipping.
         """
-        at_boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss * self.engine.gradient_accumulation_steps())
+        if not micro_batches:
+            raise ValueError("a train step needs at least one micro-batch")
+        lr = float(self.scheduler.get_last_lr()[0])
+        total = 0.0
+        for i, micro_batch in enumerate(micro_batches):
+            # DeepSpeed's own counter would need a fixed count; the boundary is set by hand instead
+            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            loss = loss_of(micro_batch)
+            self.engine.backward(loss)  # gradient_accumulation_steps is 1: DeepSpeed does not rescale
+            total += loss.item()
         self.engine.step()
-        stats = {"lr": float(self.scheduler.get_last_lr()[0])}
-        if at_boundary:
-            norm = self.engine.get_global_grad_norm()
-            if norm is not None:
-                stats["grad_norm"] = float(norm)
+        stats = {"loss": total, "lr": lr}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            stats["grad_norm"] = float(norm)
         return stats
 
     def reset_optimizer(self) -> None:

@@ -1,0 +1,47 @@
+"""RL checkpoints: `checkpoints/rl/iter_N/{hf, trainer, state.json}`, written atomically, then `latest.json`
+points at the new one; a kill during a save leaves the previous checkpoint intact. `state.json` holds
+what the driver needs to continue exactly (iteration, sampler state, evaluations, wall time)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from thinkrl.fileio import atomic_directory, atomic_write_json
+
+CHECKPOINT_STATE = "state.json"
+
+
+def save_checkpoint(run_dir: Path, trainers: list, iteration: int, state: dict) -> Path:
+    """Write iteration `iteration`'s checkpoint (every rank saves its DeepSpeed state); returns its folder."""
+    import ray
+
+    final = run_dir / "checkpoints" / "rl" / f"iter_{iteration:06d}"
+    with atomic_directory(final) as tmp:
+        (tmp / "hf").mkdir()
+        ray.get(trainers[0].save_hf.remote(str(tmp / "hf")))
+        ray.get([t.save_state.remote(str(tmp / "trainer")) for t in trainers])
+        atomic_write_json(tmp / CHECKPOINT_STATE, {**state, "iteration": iteration})
+    atomic_write_json(run_dir / "checkpoints" / "rl" / "latest.json", {"iteration": iteration, "path": final.name})
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path | None, dict]:
+    """(the folder of the last complete checkpoint, its state), or (None, {}) for a fresh run."""
+    pointer = run_dir / "checkpoints" / "rl" / "latest.json"
+    if not pointer.exists():
+        return None, {}
+    path = pointer.parent / json.loads(pointer.read_text())["path"]
+    if not (path / CHECKPOINT_STATE).exists():
+        return None, {}
+    return path, json.loads((path / CHECKPOINT_STATE).read_text())
+
+
+def save_final(run_dir: Path, trainers: list) -> Path:
+    """`checkpoints/final`: the policy after RL as a Hugging Face folder (transformers and vLLM load it)."""
+    import ray
+
+    final = run_dir / "checkpoints" / "final"
+    with atomic_directory(final) as tmp:
+        ray.get(trainers[0].save_hf.remote(str(tmp)))
+    return final

@@ -1,0 +1,51 @@
+"""Rolling out and scoring: prompts spread over the vLLM engines, responses turned into reward inputs,
+and held-out evaluation (the reward set's correctness verdict, averaged over samples)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rewards.combine import RewardSet
+    from rewards.types import RewardInput
+    from rollout.engine import Completion, RolloutSettings
+
+
+def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSettings) -> list[list[Completion]]:
+    """Spread prompts over the engines (contiguous shards), gather results in prompt order."""
+    import ray
+
+    shard = -(-len(prompts_ids) // len(engines))
+    futures = []
+    for e, engine in enumerate(engines):
+        part = prompts_ids[e * shard : (e + 1) * shard]
+        if part:
+            seed = None if settings.seed is None else settings.seed + e * shard
+            futures.append(engine.generate.remote(part, dataclasses.replace(settings, seed=seed)))
+    return [group for part in ray.get(futures) for group in part]
+
+
+def reward_inputs(rows: list[dict], groups: list[list[Completion]]) -> list[list[RewardInput]]:
+    """What the rewards see of each completion: its row's prompt, answer and other fields, the text, the length."""
+    from rewards.types import RewardInput
+
+    out = []
+    for row, group in zip(rows, groups, strict=True):
+        metadata = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+        out.append([RewardInput(row["prompt"], c.text, row["answer"], len(c.token_ids), metadata) for c in group])
+    return out
+
+
+def evaluate(engines: list, reward_set: RewardSet, prompts_ids: list[list[int]], rows: list[dict],
+             settings: RolloutSettings, iteration: int) -> dict:
+    """Held-out accuracy (mean correctness over `settings.n` samples per prompt) and mean response length."""
+    groups = generate(engines, prompts_ids, settings)
+    verdicts = [v for g in reward_set.verdicts(reward_inputs(rows, groups), iteration=iteration) for v in g]
+    lengths = [len(c.token_ids) for g in groups for c in g]
+    return {
+        "accuracy": sum(verdicts) / len(verdicts),
+        "mean_response_tokens": sum(lengths) / len(lengths),
+        "n_prompts": len(prompts_ids),
+        "samples_per_prompt": settings.n,
+    }

@@ -1,0 +1,108 @@
+"""Set-up of an RL run: validate everything before anything starts, then start the actors and build the loop.
+
+`prepare` fails in seconds on a bad recipe, data file or sampler label (naming the file, row and key);
+`start_actors` starts the DeepSpeed trainer ranks and the vLLM engines together; `build_loop` resolves
+the recipe into the plain `rl.loop.Loop` the iterations use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rewards.combine import RewardSet
+    from rl.config import Recipe
+    from rl.loop import Loop
+    from sft.train import Warmup
+    from thinkrl.run import Run
+
+
+def prepare(recipe: Recipe) -> tuple[Run, Warmup | None]:
+    """The run directory, prompts and model (`thinkrl.run.prepare_run`), the sampler checked on the train
+    rows, the SFT warmup's data (built once), and the resolved recipe written to `config.yaml`."""
+    from sft.train import prepare_warmup
+    from thinkrl.config import dump_recipe
+    from thinkrl.run import prepare_run
+
+    run = prepare_run(recipe.run, recipe.model, recipe.data)
+    check_sampler(recipe, run.train_rows)
+    warmup = prepare_warmup(recipe.sft, recipe.data, recipe.run.seed, run)
+    dump_recipe(recipe, run.dir / "config.yaml")
+    return run, warmup
+
+
+def check_sampler(recipe: Recipe, train: list[dict]) -> None:
+    """Build the sampler once here so missing or bad difficulty labels fail before any actor starts."""
+    from samplers import SamplerSetupError, build_sampler
+
+    try:
+        build_sampler(recipe.sampler, train, recipe.run.seed)
+    except SamplerSetupError as e:
+        source = recipe.data.train_file if recipe.data.task == "files" else "the arithmetic task's train split"
+        raise ValueError(f"{source}: sampler.kind={recipe.sampler.kind}: {e}") from None
+
+
+def start_actors(recipe: Recipe, model: Path, resume: Path | None) -> tuple[list, list]:
+    """The DeepSpeed trainer ranks (restored from checkpoint `resume` if given) and the vLLM engines, on `model`."""
+    import ray
+
+    from rl.trainer import PMDWorker
+    from rollout.engine import EngineSettings, RolloutEngine
+    from thinkrl.cluster import remote_actor, trainer_group
+    from thinkrl.train_engine import DistConfig, OptimConfig
+
+    rl, ro = recipe.rl, recipe.rollout
+    optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
+    trainers = trainer_group(
+        PMDWorker, rl.num_trainers,
+        lambda rank, addr, port: (str(model), optim, DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage,
+                                                                rl.gradient_checkpointing), recipe.run.seed),
+        gpus_per_rank=rl.gpus_per_trainer, wait=False,  # the engines start meanwhile
+    )
+    engine_cls = remote_actor(RolloutEngine, num_gpus=ro.gpus_per_engine)
+    engines = [
+        engine_cls.remote(EngineSettings(
+            model_path=str(model), seed=recipe.run.seed + e, max_model_len=ro.max_model_len,
+            tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
+            gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
+            cpu_share=(e, ro.num_engines) if ro.num_engines > 1 else None,
+        ))
+        for e in range(ro.num_engines)
+    ]
+    ray.get([a.__ray_ready__.remote() for a in trainers + engines])
+    if resume:
+        ray.get([t.load_state.remote(str(resume / "trainer")) for t in trainers])
+    return trainers, engines
+
+
+def heldout_prompts(recipe: Recipe, run: Run) -> list[list[int]]:
+    from thinkrl.chat import prompt_ids
+
+    return [prompt_ids(run.tokenizer, r["prompt"], recipe.data.system_prompt) for r in run.heldout_rows]
+
+
+def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_set: RewardSet, state: dict,
+               sync_name: str = "weights") -> Loop:
+    """The loop's settings and inputs, the sampler (restored from `state`), and the probe measured on the
+    identical weights the trainer and the engines start from."""
+    from rl.loop import Loop, LoopSettings
+    from rl.sync import Probe, check_old_logprobs, probe_gap
+    from samplers import build_sampler
+    from thinkrl.chat import prompt_ids
+
+    tok, rl = run.tokenizer, recipe.rl
+    first_heldout = heldout_prompts(recipe, run)[0]
+    probe_ids = first_heldout + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
+    # kernels differ between engine and trainer: ~1e-6 per token for the dense float32 model on CPU, ~7e-3 for the MoE
+    probe = Probe(probe_ids, len(first_heldout), probe_gap(trainers, engines, probe_ids, len(first_heldout)),
+                  rl.probe_tolerance)
+    check_old_logprobs(rl.old_logprobs, probe.baseline, rl.probe_tolerance)
+    sampler = build_sampler(recipe.sampler, run.train_rows, recipe.run.seed)
+    if "sampler" in state:
+        sampler.load_state_dict(state["sampler"])
+    sync_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
+    return Loop(LoopSettings.from_recipe(recipe), trainers, engines, reward_set, sampler, run.train_rows,
+                [prompt_ids(tok, r["prompt"], recipe.data.system_prompt) for r in run.train_rows], probe,
+                sync_dir / f"thinkrl-{os.getpid()}-{sync_name}.safetensors", run.dir / "samples.jsonl")
