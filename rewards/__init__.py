@@ -7,6 +7,7 @@
 - `rewards.pool`: `RewardPool`, killable worker processes with hard per-call timeouts
 - built-ins: `math`, `length`, `format`, `code`, `repeat` (one module each)
 - `python -m rewards.score`: score a JSONL file from the command line
+- `rewards.atomic`: the project's one atomic file write (here so that this package stays self-contained)
 
 This package imports nothing else of thinkrl. See docs/rewards.md for the user guide.
 """

@@ -1,7 +1,8 @@
 """A weighted set of rewards, scored in a pool of worker processes: what the RL loop and the CLI use.
 
 `RewardSet(specs, ...)` resolves every reward up front (one clear error before any worker starts), owns a
-`RewardPool`, and scores groups of samples (all k responses of one prompt) in three steps:
+`RewardPool` (or borrows a running one), and scores groups of samples (all k responses of one prompt) in
+three steps:
 1. per-sample rewards, one pool call per (sample, reward), each with the hard timeout;
 2. correctness per sample, from the set's correctness reward (below), and the gates;
 3. group rewards (length penalty, judges), one pool call per (group, reward), seeing `correct`.
@@ -30,6 +31,7 @@ from typing import Any
 
 from rewards.config import ResolvedReward, resolve_specs
 from rewards.pool import Outcome, RewardPool
+from rewards.registry import build_reward
 from rewards.types import RewardInput, RewardPluginError, RewardResult, ScoredSample, normalize_result
 
 _CORRECTNESS_NAMES = ("math", "code")
@@ -39,6 +41,30 @@ def _apply(fn, arg):
     return fn(arg)
 
 
+def check_correctness_reward(name: str) -> None:
+    """Raise ValueError saying why, unless `name` (built-in, entry-point name or `module:attr`) loads as a
+    per-sample reward, i.e. one that can be a set's correctness reward and judge each response alone.
+
+    For the tools that verify answers with one named reward (`sft.build_cot --reward`, `rl.label
+    --reward`): they call it before anything slow starts, then score with `RewardSet([name])` and read
+    `ScoredSample.correct`. Starts no process.
+
+    Example:
+        >>> check_correctness_reward("math")
+        >>> check_correctness_reward("length")
+        Traceback (most recent call last):
+        ...
+        ValueError: reward 'length' is a group reward; answers are verified by a per-sample reward (math, code, ...)
+    """
+    try:
+        loaded = build_reward(name)
+    except (LookupError, TypeError, ValueError) as e:
+        raise ValueError(f"reward '{name}': {e}") from None
+    if loaded.kind != "sample":
+        raise ValueError(f"reward '{name}' is a group reward; answers are verified by a per-sample reward "
+                         "(math, code, ...)")
+
+
 class RewardSet:
     """Score groups of samples with several weighted rewards (see the module docstring).
 
@@ -46,6 +72,9 @@ class RewardSet:
     num_workers, timeout_s: the worker processes and the hard limit per reward call.
     max_consecutive_failures: the bound after which a failing reward stops the run.
     correctness: the name of the reward that decides `correct` (default: see the module docstring).
+    pool: a running `RewardPool` to score in, left open by `close` (several sets, or several runs of a
+        tool, can share warm workers); `num_workers` and `timeout_s` are then the pool's. Default: the
+        set starts its own.
 
     Example:
         >>> with RewardSet(["math", {"name": "length", "weight": 0.5}], num_workers=1, timeout_s=30) as rs:
@@ -56,7 +85,8 @@ class RewardSet:
     """
 
     def __init__(self, specs: Sequence[Any], num_workers: int = 2, timeout_s: float = 10.0,
-                 max_consecutive_failures: int = 32, correctness: str | None = None) -> None:
+                 max_consecutive_failures: int = 32, correctness: str | None = None,
+                 pool: RewardPool | None = None) -> None:
         if max_consecutive_failures < 1:
             raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures}")
         self.rewards: list[ResolvedReward] = resolve_specs(specs)
@@ -73,7 +103,8 @@ class RewardSet:
         self._metrics: dict[str, float] = {}
         self._executor: ThreadPoolExecutor | None = None
         preload = tuple(dict.fromkeys(m for r in self.rewards for m in r.reward.preload))
-        self._pool = RewardPool(num_workers, timeout_s, preload=preload)
+        self._owns_pool = pool is None
+        self._pool = RewardPool(num_workers, timeout_s, preload=preload) if pool is None else pool
 
     def submit(self, groups: list[list[RewardInput]], iteration: int) -> Future:
         """`score_groups` in a background thread, so scoring overlaps whatever the caller does next.
@@ -205,7 +236,8 @@ class RewardSet:
                 if not r.reward.gate:
                     total += r.spec.weight * result.score
         reason = "; ".join(f"{name}: {why}" for name, why in reasons.items())
-        return ScoredSample(0.0 if gated else total, scores, reason, correct, reasons)
+        failed = tuple(r.name for r in self.rewards if failures[r.name][i] is not None)
+        return ScoredSample(0.0 if gated else total, scores, reason, correct, reasons, failed)
 
     def _summarise(self, scored, results, failures, gated, seconds: float) -> dict[str, float]:
         n = max(1, len(scored))
@@ -238,10 +270,11 @@ class RewardSet:
         return dict(self._metrics)
 
     def close(self) -> None:
-        """Stop the worker processes (and the background thread of `submit`)."""
+        """Stop the worker processes (unless the pool was given) and the background thread of `submit`."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        self._pool.close()
+        if self._owns_pool:
+            self._pool.close()
 
     def __enter__(self) -> RewardSet:
         return self

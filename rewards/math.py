@@ -31,7 +31,16 @@ _LATEX_SYNONYMS = (("\\varnothing", "\\emptyset"), ("\\dfrac", "\\frac"), ("\\tf
 _SCIENTIFIC = re.compile(r"^(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)$")
 
 
-def _last_braced(text: str, command: str) -> str | None:
+def last_braced(text: str, command: str = "\\boxed") -> str | None:
+    """The content of the last `command{...}` in `text` (nested braces allowed, spaces before `{` too),
+    stripped; None if there is none with its braces closed. The project's one brace matcher.
+
+    Example:
+        >>> last_braced("so \\\\boxed{1} or rather \\\\boxed{\\\\frac{1}{2}}")
+        '\\\\frac{1}{2}'
+        >>> last_braced("\\\\fbox {7} and \\\\fbox{8", "\\\\fbox")  # the unclosed last one is skipped
+        '7'
+    """
     start = text.rfind(command)
     while start != -1:
         i = start + len(command)
@@ -71,7 +80,7 @@ def extract_answer(response: str, last_number: bool = True) -> str | None:
     final = final_part(response)
     if final is None:
         return None
-    answer = _last_braced(final, "\\boxed") or _last_braced(final, "\\fbox")
+    answer = last_braced(final, "\\boxed") or last_braced(final, "\\fbox")
     if not answer:
         marks = list(_ANSWER_MARK.finditer(final))
         if marks:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -133,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
     args = parser.parse_args(argv)
 
+    from rewards.atomic import atomic_write_text
     from rewards.combine import RewardSet
     from rewards.config import resolve_specs
     from rewards.types import RewardInput, RewardPluginError
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             s = by_row[k]
             out = {**row, "reward": s.total, "rewards": s.scores, "reason": s.reason}
         lines.append(json.dumps(out, ensure_ascii=False))
-    _write_atomic(args.output, "".join(line + "\n" for line in lines))
+    atomic_write_text(args.output, "".join(line + "\n" for line in lines))
 
     good = [by_row[k] for k in by_row]
     summary = {"rows": len(rows), "scored": len(good), "bad_rows": len(rows) - len(good),
@@ -196,22 +196,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['mean_reward']:.4f}, failures {summary['failures']}, timeouts {summary['timeouts']}, "
           f"{summary['rows_per_s']:.1f} rows/s -> {args.output}", file=sys.stderr)
     if args.summary is not None:
-        _write_atomic(args.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(args.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class ScoredSample:
     reason:  the reasons of all rewards, "name: reason; name: reason".
     correct: the verdict of the correctness reward (see `RewardResult.correct`).
     reasons: the reason of each reward by name.
+    failed:  the names of the rewards that failed on this sample (raised, ran past the timeout or
+             returned an invalid value; each such term scored 0, its reason says why).
     """
 
     total: float
@@ -79,6 +81,7 @@ class ScoredSample:
     reason: str
     correct: bool
     reasons: dict[str, str] = field(default_factory=dict)
+    failed: tuple[str, ...] = ()
 
 
 class SampleReward(Protocol):

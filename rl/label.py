@@ -1,11 +1,14 @@
 """Difficulty labelling: `python -m rl.label INPUT.jsonl --model PATH -o OUT_DIR --samples 8`.
 
 For every row of a JSONL dataset (`prompt` and `answer` fields, names configurable), sample n responses
-from a model with an in-process vLLM engine, score them with the math correctness reward
-(`rewards.math.math_reward`, in killable worker processes) and write
+from a model with an in-process vLLM engine, verify them with a reward (`--reward`, default `math`; any
+per-sample reward of the registry: a built-in, an installed `thinkrl.rewards` entry point or a
+`module:attr` path, see docs/rewards.md) scored by a `rewards.combine.RewardSet` in killable worker
+processes with a hard timeout, and write
 
-    OUT_DIR/labelled.jsonl   every input row, in input order, plus `pass_rate` (share of the n samples
-                             scoring > 0) and `difficulty_label` (bins of `samplers.difficulty.PASS_RATE_BINS`:
+    OUT_DIR/labelled.jsonl   every input row, in input order, plus `pass_rate` (share of the n samples the
+                             reward judges correct: `RewardResult.correct`, or a score > 0 if it gives no
+                             verdict) and `difficulty_label` (bins of `samplers.difficulty.PASS_RATE_BINS`:
                              easy >= 0.75 > medium >= 0.5 > hard >= 0.25 > very_hard); with
                              --filter-solved / --filter-unsolved, rows with pass rate 1 / 0 are left out
     OUT_DIR/summary.json     counts per label, pass-rate histogram, filtered rows, tokens, settings
@@ -13,11 +16,12 @@ from a model with an in-process vLLM engine, score them with the math correctnes
 A curriculum reads the `pass_rate` of such rows (`sampler.difficulty_source=pass_rate`, or `auto` when
 the rows have no `difficulty` field) with the same bins, so label and level always agree.
 
-Resumable: rows are processed in chunks of `--chunk-size`; each finished chunk is written atomically
-to `OUT_DIR/chunks/NNNNNN.jsonl`, then `OUT_DIR/progress.json` records it (completed chunks and rows).
-A kill at any point leaves at most one chunk file beyond what progress.json records, which the next run
-overwrites; so running the same command again continues where it stopped, with no duplicate and no
-missing row. progress.json also fingerprints the input file and the sampling settings: resuming with
+Resumable (`thinkrl.chunks.ChunkedOutput`, shared with `sft.build_cot`): rows are processed in chunks of
+`--chunk-size`; each finished chunk is listed in `OUT_DIR/progress.json` (with its counts), then written
+atomically to `OUT_DIR/chunks/NNNNNN.jsonl`; a chunk is done when both hold. A kill at any point leaves at
+most the interrupted chunk to redo, and a chunk file progress.json does not list is overwritten; so
+running the same command again continues where it stopped, with no duplicate and no missing row.
+progress.json also fingerprints the input file, the reward and the sampling settings: resuming with
 different ones is refused rather than mixing two labellings. The final files are assembled from the
 chunks (and can be re-assembled with other filter flags without sampling again).
 
@@ -35,8 +39,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-PROGRESS = "progress.json"
+if TYPE_CHECKING:
+    from thinkrl.chunks import ChunkedOutput
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="share of GPU memory (on CPU: of the KV-cache budget) vLLM may take; default 0.85 GPU, 0.15 CPU")
     p.add_argument("--enforce-eager", action="store_true", help="skip graph compilation (faster start)")
+    p.add_argument("--reward", default="math",
+                   help="the per-sample reward that judges a response correct: a built-in (math, code), an installed "
+                        "`thinkrl.rewards` entry point or a module:attr path (default math)")
     p.add_argument("--reward-workers", type=int, default=2)
     p.add_argument("--reward-timeout", type=float, default=10.0, help="hard limit per verification, seconds")
     p.add_argument("--cache-dir", default=os.environ.get("THINKRL_CACHE", "~/.cache/thinkrl"),
@@ -90,35 +99,30 @@ def fingerprint(args: argparse.Namespace, model_path: Path) -> dict:
     """What must not change between a run and its resumption."""
     digest = hashlib.sha256(Path(args.input).read_bytes()).hexdigest()
     keys = ("samples", "max_tokens", "temperature", "top_p", "seed", "prompt_field", "answer_field",
-            "system_prompt", "chunk_size")
+            "system_prompt", "reward")
     return {"input_sha256": digest, "model": str(model_path), **{k: getattr(args, k) for k in keys}}
 
 
-def load_progress(out_dir: Path, expected: dict) -> dict:
-    """The progress of an earlier run on `out_dir`, or a fresh one; refuses a different labelling."""
-    path = out_dir / PROGRESS
-    if not path.exists():
-        return {"fingerprint": expected, "completed_chunks": 0, "completed_rows": 0, "chunks": []}
-    progress = json.loads(path.read_text())
-    differs = [k for k in expected if progress["fingerprint"].get(k) != expected[k]]
-    if differs:
-        raise ValueError(f"{path}: holds the progress of a different labelling (differs in: {', '.join(differs)}); "
-                         "use another --output-dir, or delete this one to start over")
-    return progress
+def open_chunks(args: argparse.Namespace, n_rows: int, model_path: Path) -> ChunkedOutput:
+    """The labelling's chunks in `--output-dir` (`thinkrl.chunks`); ValueError if it holds a different one."""
+    from thinkrl.chunks import ChunkedOutput
+
+    return ChunkedOutput(Path(args.output_dir).expanduser(), fingerprint(args, model_path), n_rows, args.chunk_size,
+                         name="{:06d}.jsonl")
 
 
 class Labeller:
-    """The vLLM engine, tokenizer and reward pool; `label(rows, first)` labels one chunk."""
+    """The vLLM engine, tokenizer and reward set; `label(rows, prompts, first)` labels one chunk."""
 
     def __init__(self, args: argparse.Namespace, model_path: Path, max_prompt_len: int) -> None:
-        from rewards.pool import RewardPool
+        from rewards.combine import RewardSet
         from thinkrl.inference import build_llm, on_cpu
         from thinkrl.models import load_tokenizer
 
         self.args = args
         self.is_cpu = on_cpu()
         self.tokenizer = load_tokenizer(model_path)
-        self.pool = RewardPool(args.reward_workers, args.reward_timeout)
+        self.reward_set = RewardSet([args.reward], args.reward_workers, args.reward_timeout)
         memory = args.gpu_memory_utilization or (0.15 if self.is_cpu else 0.85)
         self.llm = build_llm(str(model_path), seed=args.seed, dtype=args.dtype, enforce_eager=args.enforce_eager,
                              max_model_len=args.max_model_len or max_prompt_len + args.max_tokens,
@@ -129,7 +133,7 @@ class Labeller:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from rewards.math import math_reward
+        from rewards.types import RewardInput
         from samplers.difficulty import pass_rate_bin
 
         a = self.args
@@ -137,34 +141,31 @@ class Labeller:
                                  seed=None if self.is_cpu else a.seed * 10**9 + first + j)
                   for j in range(len(rows))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        texts = [[c.text for c in out.outputs] for out in outputs]
-        scored = self.pool.map(math_reward, [(t, str(row[a.answer_field])) for row, ts in zip(rows, texts, strict=True)
-                                             for t in ts])
+        fields = (a.prompt_field, a.answer_field)
+        groups = [[RewardInput(str(row[a.prompt_field]), c.text, str(row[a.answer_field]), len(c.token_ids),
+                               {k: v for k, v in row.items() if k not in fields}) for c in out.outputs]
+                  for row, out in zip(rows, outputs, strict=True)]
+        scored = self.reward_set.score_groups(groups, 1)
         labelled = []
-        for j, row in enumerate(rows):
-            scores = scored[j * a.samples : (j + 1) * a.samples]
-            pass_rate = sum(r.score > 0 for r in scores) / len(scores)
+        for row, group in zip(rows, scored, strict=True):
+            pass_rate = sum(s.correct for s in group) / len(group)
             labelled.append({**row, "pass_rate": pass_rate, "difficulty_label": pass_rate_bin(pass_rate)[1]})
         completions = [c for out in outputs for c in out.outputs]
         stats = {"rows": len(rows), "generated_tokens": sum(len(c.token_ids) for c in completions),
                  "truncated": sum(c.finish_reason == "length" for c in completions),
-                 "reward_failures": sum(r.reason.startswith(("error", "timeout")) for r in scored)}
+                 "reward_failures": sum(bool(s.failed) for group in scored for s in group)}
         return labelled, stats
 
     def close(self) -> None:
-        self.pool.close()
+        self.reward_set.close()
 
 
-def chunk_path(out_dir: Path, index: int) -> Path:
-    return out_dir / "chunks" / f"{index:06d}.jsonl"
-
-
-def assemble(out_dir: Path, args: argparse.Namespace, progress: dict, n_chunks: int) -> dict:
+def assemble(out_dir: Path, args: argparse.Namespace, chunks: ChunkedOutput) -> dict:
     """Write labelled.jsonl (filters applied) and summary.json from the finished chunks; returns the summary."""
     from samplers.difficulty import PASS_RATE_BINS
     from thinkrl.fileio import atomic_write_json, write_jsonl
 
-    rows = [json.loads(line) for c in range(n_chunks) for line in chunk_path(out_dir, c).read_text().splitlines()]
+    rows = [json.loads(line) for c in range(chunks.n_chunks) for line in chunks.read(c).splitlines()]
     solved = [r for r in rows if r["pass_rate"] == 1.0]
     unsolved = [r for r in rows if r["pass_rate"] == 0.0]
     kept = [r for r in rows if not (args.filter_solved and r["pass_rate"] == 1.0)
@@ -174,10 +175,11 @@ def assemble(out_dir: Path, args: argparse.Namespace, progress: dict, n_chunks: 
     for r in rows:
         key = f"{round(r['pass_rate'] * args.samples)}/{args.samples}"
         histogram[key] = histogram.get(key, 0) + 1
-    totals = {k: sum(c[k] for c in progress["chunks"]) for k in ("generated_tokens", "truncated", "reward_failures")}
+    records = chunks.records.values()
+    totals = {k: sum(c[k] for c in records) for k in ("generated_tokens", "truncated", "reward_failures")}
     summary = {
         "input": str(Path(args.input).resolve()),
-        "model": progress["fingerprint"]["model"],
+        "model": chunks.settings["model"],
         "rows": len(rows),
         "rows_written": len(kept),
         "solved_rows": len(solved),
@@ -192,26 +194,31 @@ def assemble(out_dir: Path, args: argparse.Namespace, progress: dict, n_chunks: 
         "generated_tokens": totals["generated_tokens"],
         "truncated_share": totals["truncated"] / (len(rows) * args.samples),
         "reward_failures": totals["reward_failures"],
-        "settings": progress["fingerprint"],
+        "settings": chunks.settings,
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def prepare(args: argparse.Namespace) -> tuple[list[dict], list[list[int]], Path, dict]:
-    """Validate everything before the engine starts: rows, model, earlier progress, prompt lengths.
+def prepare(args: argparse.Namespace) -> tuple[list[dict], list[list[int]], Path, ChunkedOutput]:
+    """Validate everything before the engine starts: reward, rows, model, earlier progress, prompt lengths.
 
-    Returns the rows, their prompt token ids, the model folder and the progress. Raises ValueError
+    Returns the rows, their prompt token ids, the model folder and the chunks. Raises ValueError
     (DataError for bad rows) with a message to print as it is.
     """
+    from rewards.combine import check_correctness_reward
     from thinkrl.chat import prompt_ids
     from thinkrl.models import load_tokenizer, resolve_model
 
+    try:
+        check_correctness_reward(args.reward)
+    except ValueError as e:
+        raise ValueError(f"--reward: {e}") from None
     rows = read_rows(Path(args.input), args.prompt_field, args.answer_field)
     model_path = resolve_model(args.model, Path(args.cache_dir).expanduser() / "models", seed=args.seed)
-    progress = load_progress(Path(args.output_dir).expanduser(), fingerprint(args, model_path))
-    if progress["completed_chunks"] * args.chunk_size >= len(rows):
-        return rows, [], model_path, progress  # all sampled: only the assembly is left
+    chunks = open_chunks(args, len(rows), model_path)
+    if not chunks.todo:
+        return rows, [], model_path, chunks  # all sampled: only the assembly is left
     tokenizer = load_tokenizer(model_path)
     prompts = [prompt_ids(tokenizer, str(r[args.prompt_field]), args.system_prompt) for r in rows]
     if args.max_model_len:
@@ -220,36 +227,29 @@ def prepare(args: argparse.Namespace) -> tuple[list[dict], list[list[int]], Path
             raise ValueError(f"{args.input}: {len(too_long)} prompt(s) leave no room for --max-tokens "
                              f"{args.max_tokens} in --max-model-len {args.max_model_len} (first: row "
                              f"{too_long[0] + 1}, {len(prompts[too_long[0]])} tokens)")
-    return rows, prompts, model_path, progress
+    return rows, prompts, model_path, chunks
 
 
-def run(args: argparse.Namespace, rows: list[dict], prompts: list[list[int]], model_path: Path, progress: dict,
-        log=print) -> int:
-    """Label the chunks `progress` does not record yet, then assemble the outputs; returns the exit code."""
-    from thinkrl.fileio import atomic_write_json, write_jsonl
-
+def run(args: argparse.Namespace, rows: list[dict], prompts: list[list[int]], model_path: Path,
+        chunks: ChunkedOutput, log=print) -> int:
+    """Label the chunks not done yet, then assemble the outputs; returns the exit code."""
     out_dir = Path(args.output_dir).expanduser()
-    n_chunks = -(-len(rows) // args.chunk_size)
-    done = progress["completed_chunks"]
-    if done < n_chunks:
-        if done:
-            log(f"[label] resuming: {progress['completed_rows']}/{len(rows)} rows done")
+    todo = chunks.todo
+    if todo:
+        if chunks.done:
+            log(f"[label] resuming: {chunks.completed_rows}/{len(rows)} rows done")
         labeller = Labeller(args, model_path, max(len(p) for p in prompts))
-        start, stopped = time.time(), False
+        start, rows_before, stopped = time.time(), chunks.completed_rows, False
         try:
-            for c in range(done, n_chunks):
-                first = c * args.chunk_size
-                chunk, stats = labeller.label(rows[first : first + args.chunk_size],
-                                              prompts[first : first + args.chunk_size], first)
-                write_jsonl(chunk_path(out_dir, c), chunk)  # then the progress: a kill between the two redoes c
-                progress["chunks"] = progress["chunks"][:c] + [stats]
-                progress.update(completed_chunks=c + 1, completed_rows=first + len(chunk))
-                atomic_write_json(out_dir / PROGRESS, progress)
-                rate = (progress["completed_rows"] - done * args.chunk_size) / (time.time() - start)
-                eta = (len(rows) - progress["completed_rows"]) / rate if rate > 0 else float("inf")
-                log(f"[label] chunk {c + 1}/{n_chunks}  rows {progress['completed_rows']}/{len(rows)}  "
+            for n, c in enumerate(todo, start=1):
+                part = chunks.rows(c)
+                labelled, stats = labeller.label(rows[part], prompts[part], part.start)
+                chunks.write(c, "".join(json.dumps(r) + "\n" for r in labelled), record=stats)
+                rate = (chunks.completed_rows - rows_before) / (time.time() - start)
+                eta = (len(rows) - chunks.completed_rows) / rate if rate > 0 else float("inf")
+                log(f"[label] chunk {c + 1}/{chunks.n_chunks}  rows {chunks.completed_rows}/{len(rows)}  "
                     f"{rate:.2f} rows/s  ETA {eta:.0f}s")
-                if args.stop_after_chunks is not None and c + 1 - done >= args.stop_after_chunks and c + 1 < n_chunks:
+                if args.stop_after_chunks is not None and n >= args.stop_after_chunks and n < len(todo):
                     stopped = True
                     break
         finally:
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace, rows: list[dict], prompts: list[list[int]], mo
         if stopped:
             log(f"[label] stopped after {args.stop_after_chunks} chunk(s); run the same command again to resume")
             return 3
-    summary = assemble(out_dir, args, progress, n_chunks)
+    summary = assemble(out_dir, args, chunks)
     log(f"[label] {summary['rows']} rows, mean pass rate {summary['mean_pass_rate']:.3f}, labels {summary['labels']}; "
         f"wrote {summary['rows_written']} rows (filtered {summary['filtered_solved']} solved, "
         f"{summary['filtered_unsolved']} unsolved)")
@@ -266,15 +266,21 @@ def run(args: argparse.Namespace, rows: list[dict], prompts: list[list[int]], mo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rewards.types import RewardPluginError
+
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         prepared = prepare(args)
-    except ValueError as e:  # bad rows, model or earlier progress: the message says which
+    except ValueError as e:  # bad reward, rows, model or earlier progress: the message says which
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run(args, *prepared, log=lambda msg: print(msg, flush=True))
+    try:
+        return run(args, *prepared, log=lambda msg: print(msg, flush=True))
+    except RewardPluginError as e:  # the reward fails on every response: stop; a rerun resumes after the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,15 @@ ground truth with a reward (math-verify by default), keep the verified ones (all
 shortest: k1.5's "shortest rejection sampling"), tag each kept trace with the cognitive patterns it
 shows (`sft.patterns`), and write ChatML conversations that `python -m sft.train` reads directly.
 
+Verification: `--reward` names a reward as everywhere else in thinkrl (`rewards.registry`: a built-in
+such as `math` or `code`, an installed `thinkrl.rewards` entry point, or a `module:attr` path; the
+contract is `reward(sample: RewardInput)`, docs/rewards.md). It must be a per-sample reward. The k traces
+of a question are scored as one group by a `rewards.combine.RewardSet` of that one reward, in killable
+worker processes with a hard timeout per call; a trace is verified when the reward's correctness verdict
+says so (`RewardResult.correct`, or a score > 0 if the reward gives none); a trace the reward fails on
+(raises, times out, returns an invalid value) is not, and counts in `verify_errors`. `--reward none`
+keeps every trace unverified (for a programmatic teacher whose slips are the point).
+
 Teachers (all behind `Teacher.sample(prompts, k, seed) -> k texts per prompt`):
 - `vllm`: an in-process `vllm.LLM` on a local model folder (one batched generate call per chunk);
 - `openai`: any OpenAI-compatible chat endpoint (`vllm serve`, hosted APIs), over HTTP with bounded
@@ -18,13 +27,14 @@ the bare question as the user turn (what the student sees at RL time), not the t
 
 Output directory:
     chunks/chunk_NNNNNN.json   kept rows and per-question stats of one chunk of questions (atomic)
-    progress.json              settings fingerprint and finished chunks
+    progress.json              settings fingerprint and finished chunks (`thinkrl.chunks`)
     data.jsonl, dataset/       all kept rows: JSONL and a `datasets.Dataset.save_to_disk` folder
     stats.json                 questions in, traces sampled / verified / kept, pass rates, token
                                lengths, pattern frequencies, throughput
-Resumable: a chunk is done exactly when its file exists (written by rename), so a killed builder started
-again with the same output directory skips finished chunks and redoes only the interrupted one: no
-duplicated and no lost rows. Different settings on an existing directory are refused.
+Resumable (`thinkrl.chunks.ChunkedOutput`, shared with `rl.label`): a chunk is done when progress.json
+lists it and its file exists (written by rename, the commit), so a killed builder started again with the
+same output directory skips finished chunks and redoes only the interrupted one: no duplicated and no lost
+rows. Different settings on an existing directory are refused, naming the settings that differ.
 
 Question/answer data: JSONL, Parquet or a `datasets` folder, with configurable fields. Gold answers in
 GSM8K's form ("... #### 42") and MATH's (a solution ending in `\\boxed{...}`) are reduced to the answer
@@ -48,6 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from rewards.math import last_braced
+from thinkrl.chunks import ChunkedOutput
 from thinkrl.fileio import DataError, atomic_directory, atomic_write_json, atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -56,19 +68,6 @@ CHUNK_FORMAT = "chunk_{:06d}.json"
 
 
 # ---- input --------------------------------------------------------------------------------------------
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j].strip()
-    return None
 
 
 def gold_answer(raw, answer_format: str = "auto") -> str:
@@ -82,7 +81,7 @@ def gold_answer(raw, answer_format: str = "auto") -> str:
             raise ValueError("no '####' in a GSM8K-style answer")
         return text.rsplit("####", 1)[1].strip().replace(",", "")
     if answer_format == "math" or (answer_format == "auto" and "\\boxed" in text):
-        boxed = last_boxed(text)
+        boxed = last_braced(text, "\\boxed")
         if boxed is None:
             raise ValueError("no \\boxed{...} in a MATH-style solution")
         return boxed
@@ -255,34 +254,6 @@ def make_teacher(kind: str, **options) -> Teacher:
 # ---- verification and selection ------------------------------------------------------------------------
 
 
-REWARD_NAMES = {"math": "rewards.math:math_reward", "none": "sft.build_cot:accept_all"}
-
-
-def accept_all(response: str, answer: str):
-    """The 'none' reward: every trace passes. For programmatic teachers whose slips are the point."""
-    from rewards.types import RewardResult
-
-    return RewardResult(1.0, "not verified")
-
-
-def resolve_reward(name: str) -> str:
-    """A reward name ('math', 'none') or a 'module:function' path taking (response, answer), as a path."""
-    return REWARD_NAMES.get(name, name)
-
-
-def score_trace(reward_path: str, response: str, answer: str):
-    """Run the reward named by `reward_path` (in a pool worker); floats become RewardResults."""
-    import importlib
-
-    from rewards.types import RewardResult
-
-    module, _, attr = reward_path.partition(":")
-    if not attr:
-        raise ValueError(f"reward {reward_path!r} is neither 'math' nor a 'module:function' path")
-    result = getattr(importlib.import_module(module), attr)(response, answer)
-    return result if isinstance(result, RewardResult) else RewardResult(float(result), "")
-
-
 def select(correct: list[int], lengths: list[int], keep: str, rng: random.Random) -> list[int]:
     """Indices of the traces to keep among the `correct` ones: all, one at random, or the shortest."""
     if not correct:
@@ -313,23 +284,33 @@ def _prompt(q: Question, system: str, user: str) -> list[dict]:
     return [*messages, {"role": "user", "content": content, "raw_question": q.question}]
 
 
-def _build_chunk(questions: list[Question], first_index: int, teacher: Teacher, pool, reward_path: str,
-                 k: int, keep: str, seed: int, count_tokens: Callable[[str], int],
-                 system: str, user: str) -> dict:
+def _verify(reward_set, questions: list[Question], traces: list[list[str]],
+            lengths: list[list[int]]) -> tuple[list[list[bool]], list[list[bool]]]:
+    """(verified, failed) per trace: the reward's correctness verdict, and whether the reward failed on it
+    (raised, timed out, invalid result: then not verified). Without a reward set ('none') all pass."""
+    if reward_set is None:
+        return [[True] * len(t) for t in traces], [[False] * len(t) for t in traces]
+    from rewards.types import RewardInput
+
+    groups = [[RewardInput(q.question, text, q.answer, n, {"id": q.id}) for text, n in zip(texts, ns, strict=True)]
+              for q, texts, ns in zip(questions, traces, lengths, strict=True)]
+    scored = reward_set.score_groups(groups, 1)
+    return [[s.correct for s in g] for g in scored], [[bool(s.failed) for s in g] for g in scored]
+
+
+def _build_chunk(questions: list[Question], first_index: int, teacher: Teacher, reward_set, k: int, keep: str,
+                 seed: int, count_tokens: Callable[[str], int], system: str, user: str) -> dict:
     traces = teacher.sample([_prompt(q, system, user) for q in questions], k, seed + first_index)
     if len(traces) != len(questions) or any(len(t) != k for t in traces):
         raise RuntimeError(f"teacher returned {[len(t) for t in traces]} traces, expected {k} per question")
-    flat = [(reward_path, text, q.answer) for q, texts in zip(questions, traces, strict=True) for text in texts]
-    # reward 'none' needs no worker processes: every trace passes
-    scores = pool.map(score_trace, flat) if pool is not None else [accept_all(t, a) for _, t, a in flat]
+    all_lengths = [[count_tokens(t) for t in texts] for texts in traces]
+    verified, failed = _verify(reward_set, questions, traces, all_lengths)
     from sft.patterns import detect_patterns
 
     rows, per_question = [], []
-    for n, (q, texts) in enumerate(zip(questions, traces, strict=True)):
-        results = scores[n * k : (n + 1) * k]
-        lengths = [count_tokens(t) for t in texts]
+    for n, (q, texts, lengths) in enumerate(zip(questions, traces, all_lengths, strict=True)):
         # an empty trace is never kept, whatever the reward says: the SFT loader rejects empty turns
-        correct = [j for j, r in enumerate(results) if r.score > 0 and texts[j].strip()]
+        correct = [j for j in range(k) if verified[n][j] and texts[j].strip()]
         kept = select(correct, lengths, keep, random.Random(f"{seed}-{first_index + n}"))
         for j in kept:
             row = {"id": q.id, "sample_index": j,
@@ -340,7 +321,7 @@ def _build_chunk(questions: list[Question], first_index: int, teacher: Teacher, 
             rows.append(row)
         per_question.append({"index": first_index + n, "id": q.id, "sampled": k, "verified": len(correct),
                              "kept": len(kept), "pass_rate": len(correct) / k, "lengths": lengths,
-                             "errors": sum(r.reason.startswith(("error", "timeout")) for r in results),
+                             "errors": sum(failed[n]),
                              "empty": sum(not t.strip() for t in texts)})
     return {"rows": rows, "questions": per_question}
 
@@ -360,70 +341,56 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
                   progress: bool = True, log: Callable[[str], None] = print, reward_pool=None) -> dict:
     """Sample, verify, select and write; returns the stats (also in `<output_dir>/stats.json`).
 
-    Resumes from the finished chunks of `output_dir`; raises ValueError if that directory was started
-    with other settings (`fingerprint` plus the arguments here). `tokenizer` (a HF tokenizer) measures
-    lengths in tokens; without one, lengths are characters. `reward_pool`: a running
-    `rewards.pool.RewardPool` to use (and leave open) instead of starting one. Final outputs: `data.jsonl`, `dataset/`
-    (`datasets.load_from_disk`), `stats.json`.
+    `reward`: a per-sample reward of the registry (built-in name, entry-point name or `module:attr`) whose
+    correctness verdict decides which traces are verified, or 'none' (every trace is). Resumes from the
+    finished chunks of `output_dir` (`thinkrl.chunks`); raises ValueError if that directory was started
+    with other settings (`fingerprint` plus the arguments here), or if `reward` does not load as a
+    per-sample reward. `tokenizer` (a HF tokenizer) measures lengths in tokens; without one, lengths are
+    characters. `reward_pool`: a running `rewards.pool.RewardPool` to use (and leave open) instead of
+    starting one. Final outputs: `data.jsonl`, `dataset/` (`datasets.load_from_disk`), `stats.json`.
     """
-    from rewards.pool import RewardPool
+    from rewards.combine import RewardSet, check_correctness_reward
 
     if keep not in KEEP_MODES:
         raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
+    if reward != "none":
+        check_correctness_reward(reward)
     out = Path(output_dir)
-    chunks_dir = out / "chunks"
-    chunks_dir.mkdir(parents=True, exist_ok=True)
     system, user = Path(system_template).read_text(), Path(user_template).read_text()
     if "{question}" not in user:
         raise ValueError(f"{user_template}: the user template needs a {{question}} placeholder")
-    settings = {**(fingerprint or {}), "n_questions": len(questions), "k": k, "keep": keep, "reward": reward,
-                "seed": seed, "chunk_size": chunk_size, "system": system, "user": user,
-                "first_ids": [q.id for q in questions[:3]]}
-    progress_file = out / "progress.json"
-    if progress_file.exists():
-        before = json.loads(progress_file.read_text())["settings"]
-        if before != settings:
-            changed = sorted(key for key in set(before) | set(settings) if before.get(key) != settings.get(key))
-            raise ValueError(f"{out}: started with other settings (differs in {changed}); "
-                             "use another --output or delete it")
-    n_chunks = -(-len(questions) // chunk_size)
-    done = {i for i in range(n_chunks) if (chunks_dir / CHUNK_FORMAT.format(i)).exists()}
-    atomic_write_json(progress_file, {"settings": settings, "done_chunks": sorted(done), "n_chunks": n_chunks})
-    if done:
-        log(f"[build_cot] resuming: {len(done)}/{n_chunks} chunks already done in {chunks_dir}")
+    settings = {**(fingerprint or {}), "k": k, "keep": keep, "reward": reward, "seed": seed, "system": system,
+                "user": user, "first_ids": [q.id for q in questions[:3]]}
+    chunks = ChunkedOutput(out, settings, len(questions), chunk_size, name=CHUNK_FORMAT)
+    if chunks.done:
+        log(f"[build_cot] resuming: {len(chunks.done)}/{chunks.n_chunks} chunks already done in {out / 'chunks'}")
     count_tokens = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer else len
-    reward_path = resolve_reward(reward)
-    todo = [i for i in range(n_chunks) if i not in done]
-    done_questions = sum(min(chunk_size, len(questions) - i * chunk_size) for i in done)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(questions), initial=done_questions, unit="q", desc="build_cot", file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(questions), initial=chunks.completed_rows, unit="q", desc="build_cot",
+                   file=sys.stderr, dynamic_ncols=True)
     start = time.time()
     new_questions = 0
-    pool = reward_pool
-    if pool is None and reward != "none":
-        pool = RewardPool(num_workers=reward_workers, timeout_s=reward_timeout_s)
+    # reward 'none' needs no worker processes: every trace passes
+    reward_set = None if reward == "none" else RewardSet([reward], reward_workers, reward_timeout_s, pool=reward_pool)
     try:
-        for i in todo:
-            part = questions[i * chunk_size : (i + 1) * chunk_size]
-            chunk = _build_chunk(part, i * chunk_size, teacher, pool, reward_path, k, keep, seed, count_tokens,
+        for i in chunks.todo:
+            part = questions[chunks.rows(i)]
+            chunk = _build_chunk(part, chunks.rows(i).start, teacher, reward_set, k, keep, seed, count_tokens,
                                  system, user)
-            atomic_write_json(chunks_dir / CHUNK_FORMAT.format(i), chunk)
-            done.add(i)
-            atomic_write_json(progress_file, {"settings": settings, "done_chunks": sorted(done), "n_chunks": n_chunks})
+            chunks.write(i, json.dumps(chunk, indent=2, sort_keys=True) + "\n")
             new_questions += len(part)
             if bar:
                 bar.update(len(part))
     finally:
-        if reward_pool is None and pool is not None:
-            pool.close()
+        if reward_set is not None:
+            reward_set.close()
     if bar:
         bar.close()
     elapsed = time.time() - start
-    stats = _finish(out, n_chunks, tokenizer is not None)
+    stats = _finish(out, chunks, tokenizer is not None)
     stats.update({"seconds_this_run": elapsed, "questions_this_run": new_questions,
                   "questions_per_s": new_questions / elapsed if new_questions else None, "keep": keep, "k": k,
                   "reward": reward, "teacher_retries": getattr(teacher, "retried", 0)})
@@ -434,7 +401,7 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
     return stats
 
 
-def _finish(out: Path, n_chunks: int, in_tokens: bool) -> dict:
+def _finish(out: Path, chunks: ChunkedOutput, in_tokens: bool) -> dict:
     """Concatenate the chunks into data.jsonl and dataset/ (both atomic) and compute the stats."""
     import datasets
 
@@ -443,8 +410,8 @@ def _finish(out: Path, n_chunks: int, in_tokens: bool) -> dict:
     datasets.disable_progress_bars()
 
     rows, per_question = [], []
-    for i in range(n_chunks):
-        chunk = json.loads((out / "chunks" / CHUNK_FORMAT.format(i)).read_text())
+    for i in range(chunks.n_chunks):
+        chunk = json.loads(chunks.read(i))
         rows += chunk["rows"]
         per_question += chunk["questions"]
     atomic_write_text(out / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -474,7 +441,7 @@ def _finish(out: Path, n_chunks: int, in_tokens: bool) -> dict:
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="JSONL / Parquet file or `datasets` folder of questions")
@@ -502,9 +469,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fix-rate", type=float, default=0.5, help="arithmetic teacher")
     p.add_argument("-k", "--samples", type=int, default=4, help="traces sampled per question")
     p.add_argument("--keep", default="shortest", choices=KEEP_MODES)
-    p.add_argument("--reward", default="math", help="'math', 'none' (keep unverified) or a module:function(response, answer) path")
-    p.add_argument("--reward-workers", type=int, default=2)
-    p.add_argument("--reward-timeout", type=float, default=10.0)
+    p.add_argument("--reward", default="math",
+                   help="the per-sample reward whose correctness verdict verifies a trace: a built-in (math, code), an "
+                        "installed `thinkrl.rewards` entry point or a module:attr path (docs/rewards.md); 'none' keeps "
+                        "every trace unverified")
+    p.add_argument("--reward-workers", type=int, default=2, help="reward worker processes")
+    p.add_argument("--reward-timeout", type=float, default=10.0, help="hard limit per verification, seconds")
     p.add_argument("--tokenizer", help="HF tokenizer folder for token lengths (default: --model if a folder)")
     p.add_argument("--system-template", default=str(TEMPLATES / "system.txt"))
     p.add_argument("--user-template", default=str(TEMPLATES / "user.txt"))
@@ -512,6 +482,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.reward != "none":  # before a teacher engine starts
+        from rewards.combine import check_correctness_reward
+
+        try:
+            check_correctness_reward(a.reward)
+        except ValueError as e:
+            p.error(f"--reward: {e}")
 
     questions = read_questions(a.input, a.question_field, a.answer_field, a.answer_format, a.image_field, a.id_field)
     questions = questions[: a.limit] if a.limit else questions
@@ -536,10 +513,17 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(tok_path)
     fingerprint = {"input": str(a.input), "teacher": a.teacher, "model": a.model, **sampling,
                    "question_field": a.question_field, "answer_field": a.answer_field}
-    build_dataset(questions, a.output, teacher, k=a.samples, keep=a.keep, reward=a.reward, seed=a.seed,
-                  chunk_size=a.chunk_size, reward_workers=a.reward_workers, reward_timeout_s=a.reward_timeout,
-                  tokenizer=tokenizer, system_template=a.system_template, user_template=a.user_template,
-                  fingerprint=fingerprint, progress=not a.no_progress)
+    from rewards.types import RewardPluginError
+
+    try:
+        build_dataset(questions, a.output, teacher, k=a.samples, keep=a.keep, reward=a.reward, seed=a.seed,
+                      chunk_size=a.chunk_size, reward_workers=a.reward_workers, reward_timeout_s=a.reward_timeout,
+                      tokenizer=tokenizer, system_template=a.system_template, user_template=a.user_template,
+                      fingerprint=fingerprint, progress=not a.no_progress)
+    except RewardPluginError as e:  # the reward fails on every trace: stop; a rerun resumes after the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

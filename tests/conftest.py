@@ -18,3 +18,14 @@ def tokenizer():
     from thinkrl.models import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray cluster for one test module (never a head `make demo` left running)."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = "local"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -159,3 +159,27 @@ def test_tiny_recipe_warmup_data_through_the_builder(tmp_path):
     wrong = [r for r in map(json.loads, path.read_text().splitlines())
              if not r["messages"][1]["content"].endswith("\\boxed{" + r["answer"] + "}")]
     assert wrong  # with slip_rate 0.5 and no fixes the imperfect teacher's wrong traces stay in
+
+
+def verdict_not_score(sample):
+    """A `module:attr` reward whose score and verdict disagree: the verdict decides what is verified."""
+    from rewards.types import RewardResult
+
+    return RewardResult(1.0, "scored high", correct=sample.response.rstrip().endswith("\\boxed{" + sample.answer + "}"))
+
+
+def test_the_reward_is_named_as_everywhere_and_its_verdict_verifies(tmp_path):
+    questions = [Question(r["id"], r["prompt"], r["answer"], []) for r in arithmetic.make_rows(8, seed=3, max_ops=3)]
+    kwargs = dict(k=4, keep="all", progress=False, log=lambda _: None, reward_workers=1, reward_timeout_s=30)
+    teacher = ArithmeticTeacher(slip_rate=0.5, fix_rate=0.0)
+    stats = build_dataset(questions, tmp_path / "plugin", teacher, reward="tests.test_build_cot:verdict_not_score",
+                          **kwargs)
+    rows = [json.loads(line) for line in (tmp_path / "plugin" / "data.jsonl").read_text().splitlines()]
+    assert 0 < stats["traces_verified"] == len(rows) < 32 and stats["verify_errors"] == 0
+    assert all(r["messages"][1]["content"].rstrip().endswith("\\boxed{" + r["answer"] + "}") for r in rows)
+    assert build_dataset(questions, tmp_path / "math", teacher, reward="math", **kwargs)["traces_kept"] == len(rows)
+    for name, why in (("length", "is a group reward"), ("nope", "unknown reward 'nope'"),
+                      ("tests.test_build_cot:missing", "has no attribute")):
+        with pytest.raises(ValueError, match=why):
+            build_dataset(questions, tmp_path / name, teacher, reward=name, **kwargs)
+        assert not (tmp_path / name).exists()  # refused before anything is written

@@ -24,11 +24,12 @@ from thinkrl.tasks import arithmetic
 pytestmark = pytest.mark.integration
 
 
-def accept_any(response: str, answer: str):
-    """A reward plugin for the HTTP test: every trace is "correct", so the output has rows to check."""
+def accept_any(sample):
+    """A reward plugin (`--reward module:attr`, the registry's contract) for the HTTP test: every trace is
+    "correct", so the output has rows to check."""
     from rewards.types import RewardResult
 
-    return RewardResult(1.0, "accepted")
+    return RewardResult(1.0, "accepted", correct=True)
 
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
        "VLLM_LOGGING_LEVEL": "WARNING"}

@@ -101,3 +101,14 @@ def test_bad_rows_are_reported_with_line_numbers_before_any_engine(tmp_path, tin
     empty.write_text("\n")
     assert main([str(empty), "--model", str(tiny_dense), "-o", str(tmp_path / "out")]) == 2
     assert "no rows" in capsys.readouterr().err
+
+
+def test_the_reward_is_checked_before_anything_else(tmp_path, capsys):
+    from rl.label import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "1+1=?", "answer": "2"}\n')
+    for reward, why in (("length", "is a group reward"), ("no_such_reward", "unknown reward 'no_such_reward'")):
+        assert main([str(rows), "--model", "tiny-dense", "-o", str(tmp_path / "out"), "--reward", reward]) == 2
+        assert f"error: --reward: reward '{reward}'" in (err := capsys.readouterr().err) and why in err
+    assert not (tmp_path / "out").exists()

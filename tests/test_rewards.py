@@ -377,13 +377,3 @@ def test_group_rows_by_prompt_and_alone_without_one(tmp_path):
                                          r"the group rewards 'length', 'judge' need to"):
         group_rows(rows, "prompt", ["length", "judge"], tmp_path / "in.jsonl")
 
-
-# ---- the docstrings' examples are runnable ---------------------------------------------------------------
-
-@pytest.mark.parametrize("module", ["types", "math", "length", "format", "repeat", "code", "config"])
-def test_docstring_examples(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(f"rewards.{module}"))
-    assert result.attempted > 0 and result.failed == 0

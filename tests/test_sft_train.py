@@ -57,16 +57,6 @@ def test_load_rows_reads_jsonl_parquet_and_datasets_folder(tmp_path):
         assert load_rows(tmp_path / name) == rows
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_ADDRESS"] = "local"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 class _Crash(Exception):
     pass
 

@@ -16,6 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# The one atomic file write: `rewards` may import nothing of thinkrl (the reward contract is importable
+# alone) but thinkrl may import `rewards`, so the helper lives there and is re-exported here.
+from rewards.atomic import atomic_write_text
+
 
 @contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
@@ -46,23 +50,8 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """`atomic_write_text` of `obj` as indented, key-sorted JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -120,4 +109,5 @@ def _row_problem(row, required: tuple[str, ...]) -> str | None:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """`atomic_write_text` of `rows`, one JSON object per line."""
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
