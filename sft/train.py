@@ -74,6 +74,37 @@ def _heldout_loss(workers, heldout, per_rank: int, budget: int | None, layout: s
     return nll / max(1, tokens)
 
 
+@dataclass
+class _Progress:
+    """What the warmup has done so far: losses, tokens, padding, the last held-out loss."""
+
+    start: float
+    losses: list[float]
+    loss_tokens: int = 0
+    input_tokens: int = 0
+    slots: int = 0
+    eval_loss: float = float("nan")
+
+    def add(self, results: list[dict]) -> None:
+        self.losses.append(sum(r["loss"] for r in results) / len(results))
+        self.loss_tokens += sum(r["tokens"] for r in results)
+        self.input_tokens += sum(r["input_tokens"] for r in results)
+        self.slots += sum(r["slots"] for r in results)
+
+    def record(self, step: int, stage: int, lr: float, every: int, evaluated: bool) -> dict:
+        recent = self.losses[-every:]
+        record = {"step": step, "stage": stage, "loss": sum(recent) / len(recent), "lr": lr,
+                  "tokens_per_s": self.input_tokens / (time.time() - self.start),
+                  "non_padding_share": self.input_tokens / max(1, self.slots)}
+        return {**record, "eval_loss": self.eval_loss} if evaluated else record
+
+    def stats(self, start_step: int) -> dict[str, float]:
+        elapsed = max(1e-9, time.time() - self.start)
+        return {"sft_final_loss": self.losses[-1] if self.losses else float("nan"), "sft_eval_loss": self.eval_loss,
+                "sft_tokens_per_s": self.input_tokens / elapsed, "sft_loss_tokens_per_s": self.loss_tokens / elapsed,
+                "sft_non_padding_share": self.input_tokens / max(1, self.slots), "sft_resumed_from_step": start_step}
+
+
 def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
             num_trainers: int = 1, zero_stage: int = 1, gpus_per_trainer: float = 0.0,
             log=print, *, heldout: list | None = None, metrics_file: Path | None = None,
@@ -87,80 +118,32 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     """
     import ray
 
-    from sft.data import batch_stream, split_heldout
-    from sft.worker import SFTWorker
-    from thinkrl.cluster import trainer_group
-    from thinkrl.train_engine import DistConfig
+    from sft.data import batch_stream
 
-    out_dir = Path(out_dir)
-    if heldout is None:
-        examples, heldout = split_heldout(examples, sft.eval_fraction, seed, cap=sft.eval_max_examples)
-    heldout = heldout[: sft.eval_max_examples]
-    stage_specs = [(sft.steps, sft.max_seq_len)]
-    if sft.second_stage:
-        stage_specs.append((sft.second_stage.steps, sft.second_stage.max_seq_len))
-    stage_examples = [[e for e in examples if len(e.input_ids) <= max_len] for _, max_len in stage_specs]
-    for (_, max_len), chosen in zip(stage_specs, stage_examples, strict=True):
-        if not chosen:
-            raise ValueError(f"no SFT example fits max_seq_len={max_len}")
-
+    out_dir, state_root = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + "-state")
+    stages, heldout = _stages(sft, examples, heldout, seed)
     zero = sft.zero_stage if sft.zero_stage is not None else zero_stage
     checkpointing = sft.gradient_checkpointing if sft.gradient_checkpointing is not None else gradient_checkpointing
-    optim = optim_config(sft)
-    workers = trainer_group(
-        SFTWorker, num_trainers,
-        lambda rank, addr, port: (model_path, optim,
-                                  DistConfig(rank, num_trainers, addr, port, zero, checkpointing), seed, sft.micro_batches),
-        gpus_per_rank=gpus_per_trainer,
-    )
-    state_root = out_dir.with_name(out_dir.name + "-state")
-    start_step = 0
-    if latest := _latest_state(state_root):
-        start_step, path = latest
-        ray.get([w.load_state.remote(str(path)) for w in workers])
-        log(f"[sft] resumed from {path} (step {start_step})")
-
+    workers = _start_workers(sft, model_path, seed, num_trainers, zero, gpus_per_trainer, checkpointing)
+    start_step = _resume(workers, state_root, log)
     per_rank = max(sft.micro_batches, sft.batch_size // num_trainers)
-    total_steps = sft.total_steps
-    start = time.time()
-    loss_tokens = input_tokens = slots = 0
-    losses: list[float] = []
-    eval_loss = float("nan")
-    step = start_step
-    offset = 0
-    for stage, ((stage_steps, max_len), chosen) in enumerate(zip(stage_specs, stage_examples, strict=True)):
+    progress, step, offset = _Progress(time.time(), []), start_step, 0
+    for stage, (stage_steps, max_len, chosen) in enumerate(stages, 1):
         budget = max_len if sft.packing else None
         first = max(0, step - offset)
-        stream = batch_stream(chosen, per_rank * num_trainers, seed + stage, start_step=first)
+        stream = batch_stream(chosen, per_rank * num_trainers, seed + stage - 1, start_step=first)
         for _ in range(first, stage_steps):
-            batch = next(stream)
-            step += 1
-            results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank], budget,
-                                                    sft.packing_layout)
+            batch, step = next(stream), step + 1
+            results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank], budget, sft.packing_layout)
                                for r, w in enumerate(workers)])
-            losses.append(sum(r["loss"] for r in results) / len(results))
-            loss_tokens += sum(r["tokens"] for r in results)
-            input_tokens += sum(r["input_tokens"] for r in results)
-            slots += sum(r["slots"] for r in results)
-            evaluate = bool(heldout) and (step % sft.eval_every == 0 or step == total_steps)
-            if evaluate:
-                eval_loss = _heldout_loss(workers, heldout, per_rank, budget, sft.packing_layout)
-            if step % sft.log_every == 0 or step == total_steps or evaluate:
-                elapsed = time.time() - start
-                recent = losses[-sft.log_every:]
-                record = {"step": step, "stage": stage + 1, "loss": sum(recent) / len(recent),
-                          "lr": results[0]["lr"], "tokens_per_s": input_tokens / elapsed,
-                          "non_padding_share": input_tokens / max(1, slots)}
-                if evaluate:
-                    record["eval_loss"] = eval_loss
-                if metrics_file:
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                log(f"[sft] step {step}/{total_steps}  loss {record['loss']:.4f}"
-                    + (f"  eval {eval_loss:.4f}" if evaluate else "")
-                    + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
-                    f"  fill {record['non_padding_share']:.3f}  {elapsed:.0f}s")
-            if step % sft.save_every == 0 and step < total_steps:
+            progress.add(results)
+            evaluated = bool(heldout) and (step % sft.eval_every == 0 or step == sft.total_steps)
+            if evaluated:
+                progress.eval_loss = _heldout_loss(workers, heldout, per_rank, budget, sft.packing_layout)
+            if step % sft.log_every == 0 or step == sft.total_steps or evaluated:
+                _log_step(progress.record(step, stage, results[0]["lr"], sft.log_every, evaluated), sft.total_steps,
+                          progress.start, metrics_file, log)
+            if step % sft.save_every == 0 and step < sft.total_steps:
                 _save_state(workers, state_root, step)
         offset += stage_steps
     with atomic_directory(out_dir) as tmp:
@@ -168,10 +151,61 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     for w in workers:
         ray.kill(w)
     shutil.rmtree(state_root, ignore_errors=True)  # the finished warmup is never redone
-    elapsed = max(1e-9, time.time() - start)
-    return {"sft_final_loss": losses[-1] if losses else float("nan"), "sft_eval_loss": eval_loss,
-            "sft_tokens_per_s": input_tokens / elapsed, "sft_loss_tokens_per_s": loss_tokens / elapsed,
-            "sft_non_padding_share": input_tokens / max(1, slots), "sft_resumed_from_step": start_step}
+    return progress.stats(start_step)
+
+
+def _stages(sft: SFTConfig, examples: list, heldout: list | None, seed: int) -> tuple[list, list]:
+    """[(steps, max_seq_len, the examples that fit)] per stage, and the held-out examples."""
+    from sft.data import split_heldout
+
+    if heldout is None:
+        examples, heldout = split_heldout(examples, sft.eval_fraction, seed, cap=sft.eval_max_examples)
+    specs = [(sft.steps, sft.max_seq_len)]
+    if sft.second_stage:
+        specs.append((sft.second_stage.steps, sft.second_stage.max_seq_len))
+    stages = [(steps, max_len, [e for e in examples if len(e.input_ids) <= max_len]) for steps, max_len in specs]
+    for _, max_len, chosen in stages:
+        if not chosen:
+            raise ValueError(f"no SFT example fits max_seq_len={max_len}")
+    return stages, heldout[: sft.eval_max_examples]
+
+
+def _start_workers(sft: SFTConfig, model_path: str, seed: int, num_trainers: int, zero: int,
+                   gpus_per_trainer: float, checkpointing: bool) -> list:
+    from sft.worker import SFTWorker
+    from thinkrl.cluster import trainer_group
+    from thinkrl.train_engine import DistConfig
+
+    optim = optim_config(sft)
+    return trainer_group(
+        SFTWorker, num_trainers,
+        lambda rank, addr, port: (model_path, optim, DistConfig(rank, num_trainers, addr, port, zero, checkpointing),
+                                  seed, sft.micro_batches),
+        gpus_per_rank=gpus_per_trainer,
+    )
+
+
+def _resume(workers: list, state_root: Path, log) -> int:
+    """Restore the last resumable state, if any; the step it was saved at (0: a fresh warmup)."""
+    import ray
+
+    latest = _latest_state(state_root)
+    if not latest:
+        return 0
+    step, path = latest
+    ray.get([w.load_state.remote(str(path)) for w in workers])
+    log(f"[sft] resumed from {path} (step {step})")
+    return step
+
+
+def _log_step(record: dict, total_steps: int, start: float, metrics_file: Path | None, log) -> None:
+    if metrics_file:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    log(f"[sft] step {record['step']}/{total_steps}  loss {record['loss']:.4f}"
+        + (f"  eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
+        + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        f"  fill {record['non_padding_share']:.3f}  {time.time() - start:.0f}s")
 
 
 def load_sft_examples(sft, tokenizer, log=print) -> tuple[list, list | None]:

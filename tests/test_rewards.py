@@ -332,6 +332,29 @@ def test_math_reward_in_pool_from_a_thread():
     assert [r.score for r in out["r"]] == [1.0, 0.0]
 
 
+def test_reward_set_in_a_borrowed_pool_names_the_failed_rewards():
+    from rewards.combine import RewardSet
+
+    samples = [[RewardInput("p", "<think>a</think>\\boxed{4}", "4"), RewardInput("p", "\\boxed{5}", "4")]]
+    with RewardPool(num_workers=1, timeout_s=20) as pool:
+        with RewardSet(["math", "tests.test_rewards:_crash"], pool=pool) as rs:
+            scored = rs.score_groups(samples, 1)[0]
+        assert [(s.correct, s.failed) for s in scored] == [(True, ("_crash",)), (False, ("_crash",))]
+        with RewardSet(["math"], pool=pool) as rs:  # the pool outlived the first set
+            assert [s.failed for s in rs.score_groups(samples, 1)[0]] == [(), ()]
+
+
+def test_check_correctness_reward():
+    from rewards.combine import check_correctness_reward
+
+    check_correctness_reward("code")
+    check_correctness_reward("tests.test_rewards:_echo")
+    for name, why in (("length", "is a group reward"), ("lenght", "unknown reward 'lenght'"),
+                      ("rewards.math:nothing", "has no attribute 'nothing'")):
+        with pytest.raises(ValueError, match=why):
+            check_correctness_reward(name)
+
+
 # ---- the scoring CLI: a row needs a prompt only where a group reward needs it ------------------------------
 
 def _responses_and_answers(tmp_path):
