@@ -109,7 +109,7 @@ def group_rows(rows: list[tuple[int, dict | None, str]], prompt_field: str, grou
     return list(groups.values()) + alone
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rewards.score", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("Examples:")[1])
@@ -130,12 +130,81 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="hard limit per reward call, seconds")
     parser.add_argument("--max-consecutive-failures", type=int, default=32)
     parser.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _reward_inputs(rows: list[tuple[int, dict | None, str]], fields: dict[str, str],
+                   tokens_field: str) -> dict:
+    """A `RewardInput` per good row, by index into `rows`: the other fields go to its metadata, and
+    `num_tokens` is `tokens_field` if the row has a number there, else the response's word count."""
+    from rewards.types import RewardInput
+
+    inputs = {}
+    for k, (_, row, problem) in enumerate(rows):
+        if problem:
+            continue
+        tokens = row.get(tokens_field)
+        response = str(row[fields["response"]])
+        inputs[k] = RewardInput(str(row.get(fields["prompt"], "")), response, str(row[fields["answer"]]),
+                                int(tokens) if isinstance(tokens, (int, float)) else len(response.split()),
+                                {key: v for key, v in row.items() if key not in fields.values()})
+    return inputs
+
+
+def _score_groups(specs: list[dict], groups: list[list], iteration: int, *, workers: int, timeout_s: float,
+                  max_consecutive_failures: int) -> tuple[list[list], dict]:
+    """Score `groups` of RewardInputs in a `RewardSet` of `specs` (worker processes, closed on return).
+
+    Returns (scores per group, the set's metrics); raises ValueError or RewardPluginError as RewardSet does.
+    """
+    from rewards.combine import RewardSet
+
+    with RewardSet(specs, num_workers=workers, timeout_s=timeout_s,
+                   max_consecutive_failures=max_consecutive_failures) as reward_set:
+        return reward_set.score_groups(groups, iteration), reward_set.metrics()
+
+
+def _write_scored(path: Path, rows: list[tuple[int, dict | None, str]], by_row: dict) -> None:
+    """Write every row with its reward, sub-scores and reason (a bad row: 0 and its problem), atomically."""
+    from rewards.atomic import atomic_write_text
+
+    lines = []
+    for k, (number, row, problem) in enumerate(rows):
+        if problem:
+            out = dict(row) if row is not None else {"line": number}
+            out.update(reward=0.0, rewards={}, reason=f"bad row: {problem}")
+        else:
+            s = by_row[k]
+            out = {**row, "reward": s.total, "rewards": s.scores, "reason": s.reason}
+        lines.append(json.dumps(out, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _summarize(rows: list[tuple[int, dict | None, str]], by_row: dict, metrics: dict, seconds: float,
+               output: Path) -> dict:
+    """The run's summary; prints each bad row and a one-line summary to stderr."""
+    good = [by_row[k] for k in by_row]
+    summary = {"rows": len(rows), "scored": len(good), "bad_rows": len(rows) - len(good),
+               "mean_reward": sum(s.total for s in good) / len(good) if good else 0.0,
+               "failures": metrics.get("reward/failures", 0), "timeouts": metrics.get("reward/timeouts", 0),
+               "rows_per_s": len(good) / seconds if seconds > 0 else 0.0, "seconds": seconds, **metrics}
+    for _, _, problem in rows:
+        if problem:
+            print(f"bad row: {problem}", file=sys.stderr)
+    print(f"scored {summary['scored']} rows ({summary['bad_rows']} bad, scored 0), mean reward "
+          f"{summary['mean_reward']:.4f}, failures {summary['failures']}, timeouts {summary['timeouts']}, "
+          f"{summary['rows_per_s']:.1f} rows/s -> {output}", file=sys.stderr)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns 0, or 2 if the rewards do not load, a group reward lacks prompts, or a
+    reward fails for good (the output is then not written)."""
+    args = _arg_parser().parse_args(argv)
 
     from rewards.atomic import atomic_write_text
-    from rewards.combine import RewardSet
     from rewards.config import resolve_specs
-    from rewards.types import RewardInput, RewardPluginError
+    from rewards.types import RewardPluginError
 
     specs = build_specs(args.reward or ["math"], args.weight, args.option, args.warmup)
     fields = {"prompt": args.prompt_field, "response": args.response_field, "answer": args.answer_field}
@@ -151,50 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # before any worker process starts
         print(f"rewards.score: {e}", file=sys.stderr)
         return 2
-    inputs = {}
-    for k, (_, row, problem) in enumerate(rows):
-        if problem:
-            continue
-        tokens = row.get(args.tokens_field)
-        response = str(row[fields["response"]])
-        inputs[k] = RewardInput(str(row.get(fields["prompt"], "")), response, str(row[fields["answer"]]),
-                                int(tokens) if isinstance(tokens, (int, float)) else len(response.split()),
-                                {key: v for key, v in row.items() if key not in fields.values()})
+    inputs = _reward_inputs(rows, fields, args.tokens_field)
 
     start = time.monotonic()
     try:
-        with RewardSet(specs, num_workers=args.workers, timeout_s=args.timeout,
-                       max_consecutive_failures=args.max_consecutive_failures) as reward_set:
-            scored = reward_set.score_groups([[inputs[k] for k in ks] for ks in order], iteration)
-            metrics = reward_set.metrics()
+        scored, metrics = _score_groups(specs, [[inputs[k] for k in ks] for ks in order], iteration,
+                                        workers=args.workers, timeout_s=args.timeout,
+                                        max_consecutive_failures=args.max_consecutive_failures)
     except (ValueError, RewardPluginError) as e:
         print(f"rewards.score: {e}", file=sys.stderr)
         return 2
     seconds = time.monotonic() - start
     by_row = {k: s for ks, group in zip(order, scored, strict=True) for k, s in zip(ks, group, strict=True)}
 
-    lines = []
-    for k, (number, row, problem) in enumerate(rows):
-        if problem:
-            out = dict(row) if row is not None else {"line": number}
-            out.update(reward=0.0, rewards={}, reason=f"bad row: {problem}")
-        else:
-            s = by_row[k]
-            out = {**row, "reward": s.total, "rewards": s.scores, "reason": s.reason}
-        lines.append(json.dumps(out, ensure_ascii=False))
-    atomic_write_text(args.output, "".join(line + "\n" for line in lines))
-
-    good = [by_row[k] for k in by_row]
-    summary = {"rows": len(rows), "scored": len(good), "bad_rows": len(rows) - len(good),
-               "mean_reward": sum(s.total for s in good) / len(good) if good else 0.0,
-               "failures": metrics.get("reward/failures", 0), "timeouts": metrics.get("reward/timeouts", 0),
-               "rows_per_s": len(good) / seconds if seconds > 0 else 0.0, "seconds": seconds, **metrics}
-    for _, _, problem in rows:
-        if problem:
-            print(f"bad row: {problem}", file=sys.stderr)
-    print(f"scored {summary['scored']} rows ({summary['bad_rows']} bad, scored 0), mean reward "
-          f"{summary['mean_reward']:.4f}, failures {summary['failures']}, timeouts {summary['timeouts']}, "
-          f"{summary['rows_per_s']:.1f} rows/s -> {args.output}", file=sys.stderr)
+    _write_scored(args.output, rows, by_row)
+    summary = _summarize(rows, by_row, metrics, seconds, args.output)
     if args.summary is not None:
         atomic_write_text(args.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return 0

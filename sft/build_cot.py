@@ -349,13 +349,47 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
     characters. `reward_pool`: a running `rewards.pool.RewardPool` to use (and leave open) instead of
     starting one. Final outputs: `data.jsonl`, `dataset/` (`datasets.load_from_disk`), `stats.json`.
     """
-    from rewards.combine import RewardSet, check_correctness_reward
+    from rewards.combine import RewardSet
+
+    out = Path(output_dir)
+    chunks, system, user = _open_output(questions, out, k=k, keep=keep, reward=reward, seed=seed,
+                                        chunk_size=chunk_size, system_template=system_template,
+                                        user_template=user_template, fingerprint=fingerprint, log=log)
+    count_tokens = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer else len
+    bar = _progress_bar(len(questions), chunks.completed_rows) if progress else None
+    start = time.time()
+    # reward 'none' needs no worker processes: every trace passes
+    reward_set = None if reward == "none" else RewardSet([reward], reward_workers, reward_timeout_s, pool=reward_pool)
+    try:
+        new_questions = _write_chunks(questions, chunks, teacher, reward_set, k=k, keep=keep, seed=seed,
+                                      count_tokens=count_tokens, system=system, user=user, bar=bar)
+    finally:
+        if reward_set is not None:
+            reward_set.close()
+    if bar:
+        bar.close()
+    elapsed = time.time() - start
+    this_run = {"seconds_this_run": elapsed, "questions_this_run": new_questions,
+                "questions_per_s": new_questions / elapsed if new_questions else None, "keep": keep, "k": k,
+                "reward": reward, "teacher_retries": getattr(teacher, "retried", 0)}
+    return _write_stats(out, chunks, tokenizer is not None, this_run, log)
+
+
+def _open_output(questions: list[Question], out: Path, *, k: int, keep: str, reward: str, seed: int,
+                 chunk_size: int, system_template: str | Path, user_template: str | Path,
+                 fingerprint: dict | None, log: Callable[[str], None]) -> tuple[ChunkedOutput, str, str]:
+    """Check the settings, read the prompt templates and open the resumable output directory.
+
+    Returns (chunks, system template, user template). Raises ValueError for an unknown `keep`, a `reward`
+    that is not a per-sample reward, a user template without `{question}`, or a directory started with
+    other settings. Logs how many chunks a resumed run finds done.
+    """
+    from rewards.combine import check_correctness_reward
 
     if keep not in KEEP_MODES:
         raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
     if reward != "none":
         check_correctness_reward(reward)
-    out = Path(output_dir)
     system, user = Path(system_template).read_text(), Path(user_template).read_text()
     if "{question}" not in user:
         raise ValueError(f"{user_template}: the user template needs a {{question}} placeholder")
@@ -364,38 +398,42 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
     chunks = ChunkedOutput(out, settings, len(questions), chunk_size, name=CHUNK_FORMAT)
     if chunks.done:
         log(f"[build_cot] resuming: {len(chunks.done)}/{chunks.n_chunks} chunks already done in {out / 'chunks'}")
-    count_tokens = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer else len
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return chunks, system, user
 
-        bar = tqdm(total=len(questions), initial=chunks.completed_rows, unit="q", desc="build_cot",
-                   file=sys.stderr, dynamic_ncols=True)
-    start = time.time()
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="q", desc="build_cot", file=sys.stderr, dynamic_ncols=True)
+
+
+def _write_chunks(questions: list[Question], chunks: ChunkedOutput, teacher: Teacher, reward_set, *, k: int,
+                  keep: str, seed: int, count_tokens: Callable[[str], int], system: str, user: str,
+                  bar=None) -> int:
+    """Build each chunk still to do (sample, verify, select: `_build_chunk`) and commit it as its file.
+
+    Returns how many questions this run built; `bar` (a tqdm bar or None) advances per chunk.
+    """
     new_questions = 0
-    # reward 'none' needs no worker processes: every trace passes
-    reward_set = None if reward == "none" else RewardSet([reward], reward_workers, reward_timeout_s, pool=reward_pool)
-    try:
-        for i in chunks.todo:
-            part = questions[chunks.rows(i)]
-            chunk = _build_chunk(part, chunks.rows(i).start, teacher, reward_set, k, keep, seed, count_tokens,
-                                 system, user)
-            chunks.write(i, json.dumps(chunk, indent=2, sort_keys=True) + "\n")
-            new_questions += len(part)
-            if bar:
-                bar.update(len(part))
-    finally:
-        if reward_set is not None:
-            reward_set.close()
-    if bar:
-        bar.close()
-    elapsed = time.time() - start
-    stats = _finish(out, chunks, tokenizer is not None)
-    stats.update({"seconds_this_run": elapsed, "questions_this_run": new_questions,
-                  "questions_per_s": new_questions / elapsed if new_questions else None, "keep": keep, "k": k,
-                  "reward": reward, "teacher_retries": getattr(teacher, "retried", 0)})
+    for i in chunks.todo:
+        part = questions[chunks.rows(i)]
+        chunk = _build_chunk(part, chunks.rows(i).start, teacher, reward_set, k, keep, seed, count_tokens,
+                             system, user)
+        chunks.write(i, json.dumps(chunk, indent=2, sort_keys=True) + "\n")
+        new_questions += len(part)
+        if bar:
+            bar.update(len(part))
+    return new_questions
+
+
+def _write_stats(out: Path, chunks: ChunkedOutput, in_tokens: bool, this_run: dict,
+                 log: Callable[[str], None]) -> dict:
+    """Write the final outputs (`_finish`) and stats.json (their stats plus `this_run`); log one line."""
+    stats = _finish(out, chunks, in_tokens)
+    stats.update(this_run)
     atomic_write_json(out / "stats.json", stats)
-    verified = "not verified (reward none)" if reward == "none" else f"{stats['traces_verified']} verified"
+    verified = ("not verified (reward none)" if this_run["reward"] == "none"
+                else f"{stats['traces_verified']} verified")
     log(f"[build_cot] {stats['questions_in']} questions, {stats['traces_sampled']} traces sampled, "
         f"{verified}, {stats['traces_kept']} kept -> {out / 'dataset'}")
     return stats
@@ -441,7 +479,7 @@ def _finish(out: Path, chunks: ChunkedOutput, in_tokens: bool) -> dict:
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="JSONL / Parquet file or `datasets` folder of questions")
@@ -481,6 +519,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=32, help="questions per resumable chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _teacher_from_args(p: argparse.ArgumentParser, a: argparse.Namespace, sampling: dict) -> Teacher:
+    """The teacher `--teacher` names, with its flags; a missing required flag is a usage error (exit 2)."""
+    if a.teacher == "arithmetic":
+        return make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate)
+    if a.teacher == "vllm":
+        if not a.model:
+            p.error("--teacher vllm needs --model (a local model folder)")
+        return make_teacher("vllm", model=a.model, max_model_len=a.max_model_len, enforce_eager=a.enforce_eager,
+                            gpu_memory_utilization=a.gpu_memory_utilization, seed=a.seed, **sampling)
+    if not (a.base_url and a.model):
+        p.error("--teacher openai needs --base-url and --model")
+    return make_teacher("openai", base_url=a.base_url, model=a.model, api_key_env=a.api_key_env,
+                        concurrency=a.concurrency, retries=a.retries, send_seed=a.send_seed, **sampling)
+
+
+def _load_tokenizer(tokenizer: str | None, model: str | None):
+    """The HF tokenizer that measures lengths: `--tokenizer`, else `--model` if it is a model folder (else
+    None: lengths in characters)."""
+    path = tokenizer or (model if model and Path(model, "config.json").is_file() else None)
+    if not path:
+        return None
+    from thinkrl.models import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns 0, or 2 if the reward fails on every trace (a rerun resumes after the
+    fix). A bad or missing flag is a usage error (exit 2) before any teacher engine starts."""
+    p = _arg_parser()
     a = p.parse_args(argv)
     if a.reward != "none":  # before a teacher engine starts
         from rewards.combine import check_correctness_reward
@@ -493,24 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     questions = read_questions(a.input, a.question_field, a.answer_field, a.answer_format, a.image_field, a.id_field)
     questions = questions[: a.limit] if a.limit else questions
     sampling = dict(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens)
-    if a.teacher == "arithmetic":
-        teacher = make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate)
-    elif a.teacher == "vllm":
-        if not a.model:
-            p.error("--teacher vllm needs --model (a local model folder)")
-        teacher = make_teacher("vllm", model=a.model, max_model_len=a.max_model_len, enforce_eager=a.enforce_eager,
-                               gpu_memory_utilization=a.gpu_memory_utilization, seed=a.seed, **sampling)
-    else:
-        if not (a.base_url and a.model):
-            p.error("--teacher openai needs --base-url and --model")
-        teacher = make_teacher("openai", base_url=a.base_url, model=a.model, api_key_env=a.api_key_env,
-                               concurrency=a.concurrency, retries=a.retries, send_seed=a.send_seed, **sampling)
-    tokenizer = None
-    tok_path = a.tokenizer or (a.model if a.model and Path(a.model, "config.json").is_file() else None)
-    if tok_path:
-        from thinkrl.models import load_tokenizer
-
-        tokenizer = load_tokenizer(tok_path)
+    teacher = _teacher_from_args(p, a, sampling)
+    tokenizer = _load_tokenizer(a.tokenizer, a.model)
     fingerprint = {"input": str(a.input), "teacher": a.teacher, "model": a.model, **sampling,
                    "question_field": a.question_field, "answer_field": a.answer_field}
     from rewards.types import RewardPluginError
