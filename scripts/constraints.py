@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         return 2
     command, path = argv[0], Path(argv[1])
     if command == "write":
-        header = ("# The tested CPU install (Linux x86_64, Python 3.11): `make` installs exactly these.\n"
+        header = ("# The tested CPU install (Linux x86_64, Python 3.11): `make` installs these, `make bench` adds its peers (TRL).\n"
                   "# Regenerate on purpose with `make constraints` after changing what is installed.\n")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + "".join(f"{n}=={v}\n" for n, v in sorted(installed().items())))
