@@ -50,3 +50,37 @@ def test_rollout_logprobs_refused_where_engine_and_trainer_differ():
     with pytest.raises(ValueError, match=r"rl.old_logprobs=rollout .* 2.0e-02"):
         check_old_logprobs("rollout", 2e-2, 1e-3)
     check_old_logprobs("trainer", 2e-2, 1e-3)  # the trainer's own log-probs: always fine
+
+
+def test_sft_recipe_reads_its_sections_of_a_whole_recipe():
+    """`python -m sft.train recipe.yaml`: the same file as the RL run; only run, model, data, sft and the
+    trainer group of `rl` are read, typos in those still fail, the RL-only sections are not its business."""
+    from sft.config import SFTRecipe
+
+    recipe = load_recipe(SFTRecipe, RECIPES[0], ["rl.num_trainers=2", "rl.zero_stage=2", "rl.tau=0.3"])
+    assert recipe.rl.num_trainers == 2 and recipe.rl.zero_stage == 2
+    assert recipe.sft.steps == load_recipe(Recipe, RECIPES[0]).sft.steps
+    with pytest.raises(RecipeError, match="sft.stepz: unknown key"):
+        load_recipe(SFTRecipe, RECIPES[0], ["sft.stepz=3"])
+    with pytest.raises(RecipeError, match="foo: unknown key"):
+        load_recipe(SFTRecipe, RECIPES[0], ["foo.bar=1"])
+
+
+def test_packages_import_in_one_direction():
+    """DESIGN.md's layout: rewards and samplers import nothing of ours; sft and rollout never import rl;
+    thinkrl (what SFT and RL share) imports neither sft, rollout nor rl."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    forbidden = {"rewards": {"rl", "sft", "rollout", "samplers", "thinkrl"},
+                 "samplers": {"rl", "sft", "rollout", "rewards", "thinkrl"},
+                 "sft": {"rl"}, "rollout": {"rl", "sft"}, "thinkrl": {"rl", "sft", "rollout"}}
+    found = []
+    for package, banned in forbidden.items():
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                found += [f"{path.relative_to(root)} imports {n}" for n in names if n.split(".")[0] in banned]
+    assert found == []
