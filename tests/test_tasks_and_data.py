@@ -44,6 +44,11 @@ def test_read_jsonl_names_file_row_and_field(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(DataError, match=r"d\.jsonl:1: not valid JSON"):
         read_jsonl(path)
+    path.write_bytes('{"prompt": "é", "answer": "1"}\n'.encode() + b'{"prompt": "\xff", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "é", "answer": "1"}\n', encoding="utf-8")
+    assert read_jsonl(path) == [{"prompt": "é", "answer": "1"}]
 
 
 def test_atomic_directory_keeps_the_old_copy_when_a_save_fails(tmp_path):

@@ -76,12 +76,14 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), *, list_errors:
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     rows, problems = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # UTF-8, as every file here is written; decoded line by line to name a bad one
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problem = f"{path}:{lineno}: not UTF-8 (byte {e.start})"
             except json.JSONDecodeError as e:
                 problem = f"{path}:{lineno}: not valid JSON ({e.msg})"
             else:
