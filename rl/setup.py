@@ -93,7 +93,7 @@ def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_s
     from thinkrl.chat import prompt_ids
 
     tok, rl = run.tokenizer, recipe.rl
-    first_heldout = heldout_prompts(recipe, run)[0]
+    first_heldout = prompt_ids(tok, run.heldout_rows[0]["prompt"], recipe.data.system_prompt)  # the probe's prompt
     probe_ids = first_heldout + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
     # kernels differ between engine and trainer: ~1e-6 per token for the dense float32 model on CPU, ~7e-3 for the MoE
     probe = Probe(probe_ids, len(first_heldout), probe_gap(trainers, engines, probe_ids, len(first_heldout)),

@@ -24,6 +24,8 @@ from rl.config import Recipe
 from rl.loop import Loop, run_iteration
 from thinkrl.fileio import atomic_write_json
 
+EVAL_SEED = 10**6  # every evaluation decodes with the same seed: before and after RL compare alike
+
 if TYPE_CHECKING:
     from sft.train import Warmup
     from thinkrl.metrics import MetricsLogger
@@ -104,8 +106,6 @@ def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: R
     metrics.log(step, {"eval/accuracy": result["accuracy"], "eval/mean_response_tokens": result["mean_response_tokens"]})
     return result
 
-
-EVAL_SEED = 10**6
 
 
 def finish(recipe: Recipe, run: Run, trainers: list, metrics: MetricsLogger, state: dict, wall: dict) -> dict:
