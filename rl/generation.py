@@ -12,8 +12,10 @@ if TYPE_CHECKING:
     from rollout.engine import Completion, RolloutSettings
 
 
-def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSettings) -> list[list[Completion]]:
-    """Spread prompts over the engines (contiguous shards), gather results in prompt order."""
+def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSettings,
+             images: list[list[bytes]] | None = None) -> list[list[Completion]]:
+    """Spread prompts (and their images, if any) over the engines (contiguous shards), gather results in
+    prompt order."""
     import ray
 
     shard = -(-len(prompts_ids) // len(engines))
@@ -22,7 +24,8 @@ def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSetti
         part = prompts_ids[e * shard : (e + 1) * shard]
         if part:
             seed = None if settings.seed is None else settings.seed + e * shard
-            futures.append(engine.generate.remote(part, dataclasses.replace(settings, seed=seed)))
+            own = images[e * shard : (e + 1) * shard] if images and any(images) else None
+            futures.append(engine.generate.remote(part, dataclasses.replace(settings, seed=seed), own))
     return [group for part in ray.get(futures) for group in part]
 
 
@@ -32,15 +35,15 @@ def reward_inputs(rows: list[dict], groups: list[list[Completion]]) -> list[list
 
     out = []
     for row, group in zip(rows, groups, strict=True):
-        metadata = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+        metadata = {k: v for k, v in row.items() if k not in ("prompt", "answer")}  # images: their paths
         out.append([RewardInput(row["prompt"], c.text, row["answer"], len(c.token_ids), metadata) for c in group])
     return out
 
 
 def evaluate(engines: list, reward_set: RewardSet, prompts_ids: list[list[int]], rows: list[dict],
-             settings: RolloutSettings, iteration: int) -> dict:
+             settings: RolloutSettings, iteration: int, images: list[list[bytes]] | None = None) -> dict:
     """Held-out accuracy (mean correctness over `settings.n` samples per prompt) and mean response length."""
-    groups = generate(engines, prompts_ids, settings)
+    groups = generate(engines, prompts_ids, settings, images)
     verdicts = [v for g in reward_set.verdicts(reward_inputs(rows, groups), iteration=iteration) for v in g]
     lengths = [len(c.token_ids) for g in groups for c in g]
     return {

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from rl.trainer import PMDSettings, Sample
     from rollout.engine import Completion, RolloutSettings
     from samplers import Sampler
+    from thinkrl.vl.inputs import ImageStore
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Loop:
     probe: Probe
     sync_file: Path
     samples_file: Path
+    images: ImageStore  # the rows' image bytes, read when a prompt is sampled
 
 
 @dataclass
@@ -112,7 +114,11 @@ def roll_out(loop: Loop, iteration: int) -> tuple[list[int], list[list[Completio
 
     batch = loop.sampler.next(loop.settings.prompts_per_iteration)
     settings = dataclasses.replace(loop.settings.rollout, seed=loop.settings.seed * 10**7 + iteration * 10**4)
-    return batch, generate(loop.engines, [loop.train_prompts[i] for i in batch], settings)
+    return batch, generate(loop.engines, [loop.train_prompts[i] for i in batch], settings, _images(loop, batch))
+
+
+def _images(loop: Loop, batch: list[int]) -> list[list[bytes]]:
+    return [loop.images.get(loop.train_rows[i].get("images") or []) for i in batch]
 
 
 def score(loop: Loop, batch: list[int], groups: list[list[Completion]], iteration: int) -> Scored:
@@ -137,8 +143,12 @@ def make_samples(loop: Loop, scored: Scored) -> tuple[list[Sample], list[int], l
         return [], [], kept
     rewards = torch.tensor([r for j in kept for r in scored.rewards[j]], dtype=torch.float64)
     adv = advantages(rewards, torch.tensor(group_ids), loop.settings.tau, loop.settings.baseline).tolist()
-    completions = [(loop.train_prompts[scored.batch[j]], c) for j in kept for c in scored.groups[j]]
-    samples = [Sample(prompt, c.token_ids, a, c.logprobs) for (prompt, c), a in zip(completions, adv, strict=True)]
+    images = _images(loop, [scored.batch[j] for j in kept])
+    # an image prompt as the engine ran it (placeholders expanded): what the trainer computes on
+    completions = [(c.prompt_ids or loop.train_prompts[scored.batch[j]], c, images[n] or None)
+                   for n, j in enumerate(kept) for c in scored.groups[j]]
+    samples = [Sample(prompt, c.token_ids, a, c.logprobs, own)
+               for (prompt, c, own), a in zip(completions, adv, strict=True)]
     return samples, group_ids, kept
 
 
@@ -176,7 +186,8 @@ def iteration_record(loop: Loop, scored: Scored, kept: list[int], stats_per_rank
     lengths = [len(c.token_ids) for g in scored.groups for c in g]
     ranks = stats_per_rank or [{}]
     stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in ranks[0]}
-    extra = ("lr", "grad_norm", "logprob_gap_vllm_trainer", "time_logprobs", "time_in_trainer", "micro_batches", "steps")
+    extra = ("lr", "grad_norm", "logprob_gap_vllm_trainer", "logprob_gap_text", "logprob_gap_image", "time_logprobs",
+             "time_in_trainer", "micro_batches", "steps")
     return {
         "train/reward_mean": sum(flat) / len(flat),
         "train/accuracy": sum(c for g in scored.correct for c in g) / len(flat),
@@ -190,6 +201,9 @@ def iteration_record(loop: Loop, scored: Scored, kept: list[int], stats_per_rank
         "optim/steps": stats.get("steps", 0),
         "optim/micro_batches_per_step": stats.get("micro_batches", float("nan")),
         "sync/logprob_gap_rollout_vs_trainer": stats.get("logprob_gap_vllm_trainer", float("nan")),
+        # the same gap by modality: a vision-language mismatch shows on image prompts only
+        "sync/logprob_gap_rollout_vs_trainer_text": stats.get("logprob_gap_text", float("nan")),
+        "sync/logprob_gap_rollout_vs_trainer_image": stats.get("logprob_gap_image", float("nan")),
         "train/uniform_reward_groups": sum(len(set(r)) == 1 for r in scored.rewards),
         "train/groups_in_update": len(kept),
         "sync/probe_gap_after_sync": gap,

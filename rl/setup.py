@@ -78,9 +78,9 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None) -> tuple[list
 
 
 def heldout_prompts(recipe: Recipe, run: Run) -> list[list[int]]:
-    from thinkrl.chat import prompt_ids
+    from thinkrl.chat import row_prompt_ids
 
-    return [prompt_ids(run.tokenizer, r["prompt"], recipe.data.system_prompt) for r in run.heldout_rows]
+    return [row_prompt_ids(run.tokenizer, r, recipe.data.system_prompt) for r in run.heldout_rows]
 
 
 def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_set: RewardSet, state: dict,
@@ -88,21 +88,29 @@ def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_s
     """The loop's settings and inputs, the sampler (restored from `state`), and the probe measured on the
     identical weights the trainer and the engines start from."""
     from rl.loop import Loop, LoopSettings
-    from rl.sync import Probe, check_old_logprobs, probe_gap
+    from rl.sync import Probe, check_image_expansion, check_old_logprobs, probe_gap
     from samplers import build_sampler
-    from thinkrl.chat import prompt_ids
+    from thinkrl.chat import row_prompt_ids
+    from thinkrl.vl.inputs import ImageStore
 
     tok, rl = run.tokenizer, recipe.rl
-    first_heldout = prompt_ids(tok, run.heldout_rows[0]["prompt"], recipe.data.system_prompt)  # the probe's prompt
-    probe_ids = first_heldout + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
+    images = ImageStore()
+    # the probe's prompt: the first held-out row with images if there is one (the vision path is then
+    # checked at start-up and after every sync), else the first
+    row = next((r for r in run.heldout_rows if r.get("images")), run.heldout_rows[0])
+    probe_prompt = row_prompt_ids(tok, row, recipe.data.system_prompt)
+    probe_images = images.get(row.get("images") or []) or None
+    if probe_images:
+        check_image_expansion(trainers, engines, probe_prompt, probe_images)
+    probe_ids = probe_prompt + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
     # kernels differ between engine and trainer: ~1e-6 per token for the dense float32 model on CPU, ~7e-3 for the MoE
-    probe = Probe(probe_ids, len(first_heldout), probe_gap(trainers, engines, probe_ids, len(first_heldout)),
-                  rl.probe_tolerance)
+    baseline = probe_gap(trainers, engines, probe_ids, len(probe_prompt), probe_images)
+    probe = Probe(probe_ids, len(probe_prompt), baseline, rl.probe_tolerance, probe_images)
     check_old_logprobs(rl.old_logprobs, probe.baseline, rl.probe_tolerance)
     sampler = build_sampler(recipe.sampler, run.train_rows, recipe.run.seed)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
     sync_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
     return Loop(LoopSettings.from_recipe(recipe), trainers, engines, reward_set, sampler, run.train_rows,
-                [prompt_ids(tok, r["prompt"], recipe.data.system_prompt) for r in run.train_rows], probe,
-                sync_dir / f"thinkrl-{os.getpid()}-{sync_name}.safetensors", run.dir / "samples.jsonl")
+                [row_prompt_ids(tok, r, recipe.data.system_prompt) for r in run.train_rows], probe,
+                sync_dir / f"thinkrl-{os.getpid()}-{sync_name}.safetensors", run.dir / "samples.jsonl", images)

@@ -24,15 +24,35 @@ def sync_weights(trainers: list, engines: list, sync_file: Path) -> float:
     return time.time() - start
 
 
-def probe_gap(trainers: list, engines: list, probe_ids: list[int], prompt_len: int) -> float:
-    """Max over engines of the mean |vLLM - trainer| log-prob on a fixed probe sequence."""
+def probe_gap(trainers: list, engines: list, probe_ids: list[int], prompt_len: int,
+              images: list[bytes] | None = None) -> float:
+    """Max over engines of the mean |vLLM - trainer| log-prob on a fixed probe sequence (its prompt with
+    `images`, one placeholder token each, when given)."""
     import ray
 
-    trainer_lp = ray.get(trainers[0].probe_logprobs.remote(probe_ids, prompt_len))
+    trainer_lp = ray.get(trainers[0].probe_logprobs.remote(probe_ids, prompt_len, images))
     gaps = []
-    for engine_lp in ray.get([e.prompt_logprobs.remote(probe_ids, prompt_len) for e in engines]):
+    for engine_lp in ray.get([e.prompt_logprobs.remote(probe_ids, prompt_len, images) for e in engines]):
         gaps.append(sum(abs(a - b) for a, b in zip(engine_lp, trainer_lp, strict=True)) / len(trainer_lp))
     return max(gaps)
+
+
+def check_image_expansion(trainers: list, engines: list, prompt_ids: list[int], images: list[bytes]) -> int:
+    """The engines' and the trainer's expansion of an image prompt must be the same token sequence (image
+    token count and positions); raises ValueError naming the first difference. Returns the expanded length."""
+    import ray
+
+    trainer_ids = ray.get(trainers[0].expanded_prompt.remote(prompt_ids, images))
+    for e, engine_ids in enumerate(ray.get([e.expanded_prompt.remote(prompt_ids, images) for e in engines])):
+        if engine_ids != trainer_ids:
+            first = next((t for t, (a, b) in enumerate(zip(engine_ids, trainer_ids, strict=False)) if a != b),
+                         min(len(engine_ids), len(trainer_ids)))
+            raise ValueError(
+                f"engine {e} expands the image probe to {len(engine_ids)} tokens, the trainer to {len(trainer_ids)}; "
+                f"they first differ at position {first} (engine {engine_ids[first:first + 3]}, trainer "
+                f"{trainer_ids[first:first + 3]}): the engine's and the trainer's image processors disagree, and "
+                "training on this would compute log-probs of a different prompt than was sampled")
+    return len(trainer_ids)
 
 
 def check_old_logprobs(old_logprobs: str, probe_baseline: float, tolerance: float) -> None:
@@ -52,10 +72,11 @@ class Probe:
     prompt_len: int
     baseline: float  # start-up gap: ~1e-6 for the dense float32 model on CPU, ~7e-3 for the MoE
     tolerance: float
+    images: list[bytes] | None = None  # the probe prompt's images: the vision path is checked after each sync too
 
     def check(self, trainers: list, engines: list, iteration: int) -> float:
         """The gap after a sync; raises if the engines do not serve the trainer's weights."""
-        gap = probe_gap(trainers, engines, self.ids, self.prompt_len)
+        gap = probe_gap(trainers, engines, self.ids, self.prompt_len, self.images)
         if gap > self.baseline + self.tolerance:
             raise RuntimeError(f"after the weight sync of iteration {iteration}, vLLM's log-probs differ from "
                                f"the trainer's by {gap:.2e} on the probe: more than the {self.baseline:.1e} "

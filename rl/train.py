@@ -100,7 +100,9 @@ def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: R
     settings = RolloutSettings(n=ev.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
                                max_tokens=ev.max_tokens, seed=EVAL_SEED)
     t0 = time.time()
-    result = evaluate(loop.engines, loop.rewards, heldout, run.heldout_rows, settings, iteration=recipe.rl.iterations)
+    images = [loop.images.get(r.get("images") or []) for r in run.heldout_rows]
+    result = evaluate(loop.engines, loop.rewards, heldout, run.heldout_rows, settings, iteration=recipe.rl.iterations,
+                      images=images)
     result["wall_seconds"] = time.time() - t0
     log(f"[eval] {when}: accuracy {result['accuracy']:.3f}  mean length {result['mean_response_tokens']:.1f} tokens")
     metrics.log(step, {"eval/accuracy": result["accuracy"], "eval/mean_response_tokens": result["mean_response_tokens"]})

@@ -42,6 +42,9 @@ class Sample:
     response_ids: list[int]
     advantage: float  # r_j minus its group's baseline
     rollout_logprobs: list[float]  # vLLM's per-token log-probs (the gap; log pi_theta_i with old_logprobs=rollout)
+    # the prompt's images (encoded bytes); prompt_ids then hold each image's placeholder expanded, as the
+    # engine ran it
+    images: list[bytes] | None = None
 
 
 @dataclass
@@ -64,9 +67,16 @@ class PMDWorker:
     """One rank of the PMD trainer group. Created as a Ray actor by the RL driver."""
 
     def __init__(self, model_path: str, optim: OptimConfig, dist: DistConfig, seed: int) -> None:
+        from thinkrl.vl import is_vl
+
         self.engine = TrainEngine(model_path, optim, dist, seed=seed)
         self.pad_id = self.engine.tokenizer.pad_token_id
         self.world_size = dist.world_size
+        self.vision = None
+        if is_vl(model_path):
+            from thinkrl.vl.inputs import VisionInputs
+
+            self.vision = VisionInputs(model_path)
         # under ZeRO-3 every forward pass gathers the sharded weights again: one bucket, padded to the longest
         self.bucket_overhead_tokens = BUCKET_OVERHEAD_TOKENS if dist.zero_stage < 3 else 10**12
 
@@ -84,7 +94,7 @@ class PMDWorker:
             ids, attn, target = pad_batch([s.prompt_ids + s.response_ids for s in chunk],
                                           [[0] * len(s.prompt_ids) + [1] * len(s.response_ids) for s in chunk],
                                           self.pad_id)
-            token_logp_B_T = self.engine.token_logprobs(ids, attn, target)
+            token_logp_B_T = self.engine.token_logprobs(ids, attn, target, images=self._images(chunk))
             # in float64: a float32 sum rounds differently from the engine's (and loses ~5e-4 nats over
             # 5,000 tokens); the log-ratio of equal weights must be 0 on every machine, not by luck
             sums.append(token_logp_B_T.double().sum(-1))
@@ -124,11 +134,12 @@ class PMDWorker:
             steps.append({**self.engine.train_step(plan.micro_batches, loss_of), "micro_batches": len(plan.micro_batches)})
         return _update_stats(steps, gaps, log_ratios, logprobs_seconds, time.perf_counter() - started)
 
-    def _old_logprobs(self, samples: list[Sample], plans: list[StepPlan], source: str) -> tuple[torch.Tensor, list[float]]:
+    def _old_logprobs(self, samples: list[Sample], plans: list[StepPlan], source: str,
+                      ) -> tuple[torch.Tensor, list[tuple[float, bool]]]:
         """log pi_theta_i of each sample (float64; the first step's are filled in by its own forward)
         and the vLLM-vs-trainer gaps measured on the way."""
         logp_old = torch.zeros(len(samples), dtype=torch.float64)
-        gaps: list[float] = []
+        gaps: list[tuple[float, bool]] = []
         if source == "rollout":
             for i, s in enumerate(samples):
                 if len(s.rollout_logprobs) != len(s.response_ids):
@@ -146,6 +157,12 @@ class PMDWorker:
                         gaps.extend(_rollout_gaps(token_logps, chunk))
         return logp_old, gaps
 
+    def _images(self, chunk: list[Sample]):
+        """The pixel inputs of a bucket's images, in row order (None for a text model)."""
+        if self.vision is None:
+            return None
+        return self.vision.batch([image for s in chunk for image in (s.images or [])])
+
     def _zero_loss(self) -> torch.Tensor:
         """A loss of exactly 0 that still runs the model (a padding micro-batch's backward)."""
         ids = torch.full((1, 2), self.pad_id)
@@ -155,12 +172,20 @@ class PMDWorker:
     def _num_tokens(chunk: list[Sample], device, norm: str) -> torch.Tensor | None:
         return torch.tensor([len(s.response_ids) for s in chunk], device=device) if norm == "token" else None
 
-    def probe_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
-        """Per-token log-probs of `token_ids[prompt_len:]` under the current weights."""
+    def probe_logprobs(self, token_ids: list[int], prompt_len: int, images: list[bytes] | None = None) -> list[float]:
+        """Per-token log-probs of `token_ids[prompt_len:]` under the current weights (`images`: the prompt's,
+        one placeholder token each in `token_ids[:prompt_len]`)."""
+        prompt = self.expanded_prompt(token_ids[:prompt_len], images) if images else token_ids[:prompt_len]
         with torch.no_grad():
-            s = Sample(token_ids[:prompt_len], token_ids[prompt_len:], 0.0, [])
+            s = Sample(prompt, token_ids[prompt_len:], 0.0, [], images)
             _, token_logps = self._logprobs([s])
         return token_logps[0].tolist()
+
+    def expanded_prompt(self, token_ids: list[int], images: list[bytes]) -> list[int]:
+        """The prompt with each image placeholder expanded by this trainer's processor (the parity check)."""
+        if self.vision is None:
+            raise ValueError("a prompt with images needs a vision-language model")
+        return self.vision.expand(token_ids, images)
 
     def export_weights(self, path: str) -> str:
         return self.engine.export_weights(path)
@@ -175,19 +200,24 @@ class PMDWorker:
         self.engine.load_state(in_dir)
 
 
-def _rollout_gaps(token_logps: list[torch.Tensor], samples: list[Sample]) -> list[float]:
-    """Mean |trainer - vLLM| log-prob over each sample's response tokens."""
-    return [(t.cpu() - torch.tensor(s.rollout_logprobs)).abs().mean().item()
+def _rollout_gaps(token_logps: list[torch.Tensor], samples: list[Sample]) -> list[tuple[float, bool]]:
+    """Mean |trainer - vLLM| log-prob over each sample's response tokens, and whether its prompt has images."""
+    return [((t.cpu() - torch.tensor(s.rollout_logprobs)).abs().mean().item(), bool(s.images))
             for t, s in zip(token_logps, samples, strict=True) if s.rollout_logprobs]
 
 
-def _update_stats(steps: list[dict], gaps: list[float], log_ratios: list[float], logprobs_seconds: float,
+def _update_stats(steps: list[dict], gaps: list[tuple[float, bool]], log_ratios: list[float], logprobs_seconds: float,
                   seconds: float) -> dict[str, float]:
-    """The means over the steps, the vLLM gap, the timings and the log-ratio's statistics."""
+    """The means over the steps, the vLLM gap (all, text prompts, image prompts), the timings and the
+    log-ratio's statistics."""
     out = {key: sum(s[key] for s in steps if key in s) / max(1, sum(key in s for s in steps))
            for key in ("loss", "grad_norm", "lr", "micro_batches") if any(key in s for s in steps)}
     out["steps"] = len(steps)
-    out["logprob_gap_vllm_trainer"] = sum(gaps) / max(1, len(gaps))
+    out["logprob_gap_vllm_trainer"] = sum(g for g, _ in gaps) / max(1, len(gaps))
+    for name, image in (("logprob_gap_text", False), ("logprob_gap_image", True)):
+        mine = [g for g, has_image in gaps if has_image == image]
+        if mine:
+            out[name] = sum(mine) / len(mine)
     out["time_logprobs"] = logprobs_seconds  # the no-grad pass for log pi_theta_i, inside time/update
     out["time_in_trainer"] = seconds  # time/update minus this: shipping through Ray
     if log_ratios:

@@ -53,6 +53,8 @@ class Completion:
     logprobs: list[float]
     text: str
     finish_reason: str
+    # the prompt as the engine ran it, image placeholders expanded (None for a text prompt: the ids given)
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -96,10 +98,14 @@ class RolloutEngine:
             **settings.extra,
         )
 
-    def generate(self, prompts: list[list[int]], settings: RolloutSettings) -> list[list[Completion]]:
-        """`settings.n` completions for each prompt (token ids), in prompt order."""
+    def generate(self, prompts: list[list[int]], settings: RolloutSettings,
+                 images: list[list[bytes]] | None = None) -> list[list[Completion]]:
+        """`settings.n` completions for each prompt (token ids), in prompt order.
+
+        `images`: each prompt's images (encoded bytes), one placeholder token per image in its ids; the
+        completions then carry the prompt as the engine expanded it.
+        """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = [
             SamplingParams(
@@ -120,26 +126,57 @@ class RolloutEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(_token_prompts(prompts, images), params, use_tqdm=False)
         texts = iter(self.llm.get_tokenizer().batch_decode([list(c.token_ids) for out in outputs for c in out.outputs],
                                                            skip_special_tokens=True))
-        return [[Completion(list(c.token_ids), sampled_logprobs(c), next(texts), c.finish_reason or "length")
-                 for c in out.outputs] for out in outputs]
+        expanded = [list(out.prompt_token_ids) if images and images[i] else None for i, out in enumerate(outputs)]
+        return [[Completion(list(c.token_ids), sampled_logprobs(c), next(texts), c.finish_reason or "length", expanded[i])
+                 for c in out.outputs] for i, out in enumerate(outputs)]
 
-    def prompt_logprobs(self, token_ids: list[int], start: int) -> list[float]:
-        """log p(token_t | tokens_<t) for t >= start, as this engine computes them (the sync probe)."""
+    def prompt_logprobs(self, token_ids: list[int], start: int, images: list[bytes] | None = None) -> list[float]:
+        """log p(token_t | tokens_<t) for the tokens from `start` on, as this engine computes them (the sync
+        probe). `start` counts in `token_ids` (one placeholder per image); no image comes after it."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
-        return [out.prompt_logprobs[t][token_ids[t]].logprob for t in range(start, len(token_ids))]
+        out = self.llm.generate(_token_prompts([token_ids], [images] if images else None), params, use_tqdm=False)[0]
+        ran = list(out.prompt_token_ids)
+        return [out.prompt_logprobs[t][ran[t]].logprob for t in range(len(ran) - (len(token_ids) - start), len(ran))]
+
+    def expanded_prompt(self, token_ids: list[int], images: list[bytes]) -> list[int]:
+        """The prompt as this engine runs it: each image placeholder expanded (the start-up parity check)."""
+        from vllm import SamplingParams
+
+        out = self.llm.generate(_token_prompts([token_ids], [images]), SamplingParams(max_tokens=1), use_tqdm=False)[0]
+        return list(out.prompt_token_ids)
 
     def load_weights(self, path: str) -> int:
-        """Load weights from a safetensors file written by the trainer; returns the tensor count."""
+        """Load weights from a safetensors file written by the trainer; returns the tensor count.
+
+        Whatever the engine computed from the old weights goes: the prefix cache's keys and values, and
+        the encoder cache's image features (a seen image would otherwise be served from the old tower).
+        """
         counts = self.llm.collective_rpc("thinkrl_load_weights", args=(path,))
         self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
         return counts[0]
+
+
+def _token_prompts(prompts: list[list[int]], images: list[list[bytes]] | None) -> list:
+    """vLLM token prompts, with each prompt's images decoded as its multi-modal data."""
+    from vllm.inputs import TokensPrompt
+
+    if not images:
+        return [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    from thinkrl.vl.inputs import decode
+
+    out = []
+    for ids, own in zip(prompts, images, strict=True):
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        if own:
+            prompt["multi_modal_data"] = {"image": [decode(d) for d in own]}
+        out.append(prompt)
+    return out
 
 
 def sampled_logprobs(completion) -> list[float]:

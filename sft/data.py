@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from thinkrl.chat import EncodedConversation, encode_conversation
-from thinkrl.fileio import DataError
+from thinkrl.fileio import DataError, load_rows  # noqa: F401  (load_rows: sft.data's readers live in thinkrl)
 
 
 @dataclass
@@ -28,36 +27,6 @@ class SFTExamples:
     examples: list[EncodedConversation]
     source: str
     skipped: list[tuple[int, str]] = field(default_factory=list)
-
-
-def load_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL / Parquet file or a `datasets` folder. Raises DataError naming the path."""
-    from thinkrl.fileio import read_jsonl
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(f"{path}: not a `datasets` folder ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
-            ds = ds["train"]
-        rows = ds.to_list()
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        if not path.is_file():
-            raise DataError(f"{path}: dataset file not found")
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = read_jsonl(path)
-    if not rows:
-        raise DataError(f"{path}: dataset has no rows")
-    return rows
 
 
 def _row_problem(row: dict, messages_field: str) -> str | None:

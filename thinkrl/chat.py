@@ -27,6 +27,17 @@ def prompt_ids(tokenizer, prompt: str | list[dict], system: str | None = None) -
     return _render_ids(tokenizer, messages, add_generation_prompt=True)
 
 
+def row_prompt_ids(tokenizer, row: dict, system: str | None = None) -> list[int]:
+    """`prompt_ids` of a dataset row: its `prompt`, with one image placeholder per image of its `images`
+    (where its `<image>` marks are, else first: `thinkrl.vl.inputs.render_prompt`)."""
+    images = row.get("images") or []
+    if not images:
+        return prompt_ids(tokenizer, row["prompt"], system)
+    from thinkrl.vl.inputs import render_prompt
+
+    return prompt_ids(tokenizer, render_prompt(row["prompt"], len(images)), system)
+
+
 def encode_conversation(tokenizer, messages: list[dict]) -> EncodedConversation:
     """Tokenize a ChatML conversation with loss on assistant content and its end-of-turn token only.
 

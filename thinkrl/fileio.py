@@ -113,3 +113,31 @@ def _row_problem(row, required: tuple[str, ...]) -> str | None:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """`atomic_write_text` of `rows`, one JSON object per line."""
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL / Parquet file or a `datasets` folder. Raises DataError naming the path."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{path}: not a `datasets` folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
+            ds = ds["train"]
+        rows = ds.to_list()
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if not path.is_file():
+            raise DataError(f"{path}: dataset file not found")
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = read_jsonl(path)
+    if not rows:
+        raise DataError(f"{path}: dataset has no rows")
+    return rows

@@ -56,5 +56,16 @@ def build_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: 
         options["max_model_len"] = max_model_len
     if on_cpu():
         options.update(cpu_engine_options(dtype))
+    options.update(vl_engine_options(model))
     options.update(extra)
     return LLM(**options)
+
+
+def vl_engine_options(model: str, max_images_per_prompt: int = 4) -> dict[str, Any]:
+    """What a vision-language folder needs: its processor is the folder's own code (`auto_map`), and vLLM
+    reserves encoder memory for `max_images_per_prompt` images per prompt. Nothing for a text model."""
+    from thinkrl.vl import is_vl
+
+    if not is_vl(model):
+        return {}
+    return {"trust_remote_code": True, "limit_mm_per_prompt": {"image": max_images_per_prompt}}

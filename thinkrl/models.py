@@ -16,8 +16,8 @@ from typing import Literal
 
 from thinkrl.fileio import atomic_directory
 
-TinyKind = Literal["tiny-dense", "tiny-moe"]
-TINY_KINDS: tuple[str, ...] = ("tiny-dense", "tiny-moe")
+TinyKind = Literal["tiny-dense", "tiny-moe", "tiny-vl"]
+TINY_KINDS: tuple[str, ...] = ("tiny-dense", "tiny-moe", "tiny-vl")
 # part of the cache path: bumped whenever a tiny model's definition changes, so no stale build is reused
 TINY_MODEL_VERSION = 2
 
@@ -26,6 +26,9 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# Kimi-VL's image markers: a prompt holds `<|media_start|>image<|media_content|><|media_pad|><|media_end|>`
+# per image, and the processor (or vLLM) expands the `<|media_pad|>` into one token per image token
+MEDIA_TOKENS = ("<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>")
 
 # ChatML. The generation prompt opens the assistant turn; the model writes `<think>...</think>answer`.
 CHATML_TEMPLATE = (
@@ -36,11 +39,12 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tokenizer():
+def build_tokenizer(media: bool = False):
     """A byte-level tokenizer with ChatML special tokens and think tags (a `PreTrainedTokenizerFast`).
 
     `<|im_end|>` is the end-of-turn (EOS) token; the think tags are ordinary added tokens, so decoding
-    with `skip_special_tokens=True` (vLLM's default) keeps them in the text the rewards read.
+    with `skip_special_tokens=True` (vLLM's default) keeps them in the text the rewards read. `media`:
+    Kimi-VL's image markers too (special tokens, after the others: the text ids stay the same).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -52,6 +56,8 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD_TOKEN, IM_START, IM_END)])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_OPEN, THINK_CLOSE)])
+    if media:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in MEDIA_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
@@ -90,7 +96,7 @@ def tiny_config(kind: TinyKind, vocab_size: int, eos_id: int, pad_id: int):
             head_dim=32,
             **common,
         )
-    if kind == "tiny-moe":
+    if kind in ("tiny-moe", "tiny-vl"):
         from transformers import DeepseekV3Config
 
         # vLLM's MLA kernels need kv_lora_rank + qk_rope_head_dim == 576, and DeepSeek-V3 routing
@@ -133,9 +139,13 @@ def build_tiny_model(kind: TinyKind, out_dir: str | Path, seed: int = 0) -> Path
 
     hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(media=kind == "tiny-vl")
     config = tiny_config(kind, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
+    if kind == "tiny-vl":
+        from thinkrl.vl.tiny import build_tiny_vl
+
+        return build_tiny_vl(out_dir, config, tokenizer)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -170,15 +180,19 @@ def resolve_model(name_or_path: str, cache_dir: str | Path, seed: int = 0) -> Pa
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32"):
-    """Load a causal LM from a local folder for training (PyTorch SDPA attention)."""
+    """Load a causal LM (or a vision-language model thinkrl trains: `thinkrl.vl`) from a local folder for
+    training (PyTorch SDPA attention)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from thinkrl.vl import vl_model_class
+
     hf_logging.disable_progress_bar()
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation="sdpa")
+    model_class = vl_model_class(path) or AutoModelForCausalLM
+    return model_class.from_pretrained(str(path), dtype=torch_dtype, attn_implementation="sdpa")
 
 
 def load_tokenizer(path: str | Path):

@@ -28,16 +28,23 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    task: Literal["arithmetic", "files"] = Field("arithmetic", description="embedded task, or your JSONL files")
-    train_file: str | None = Field(None, description="JSONL of RL prompts (task=files)")
-    heldout_file: str | None = Field(None, description="JSONL of held-out prompts (task=files)")
+    task: Literal["arithmetic", "shapes", "files"] = Field(
+        "arithmetic", description="embedded text task (arithmetic), embedded visual task (shapes: count the "
+        "squares of a colour in 56 px images), or your files")
+    train_file: str | None = Field(None, description="JSONL / Parquet / `datasets` folder of RL prompts (task=files)")
+    heldout_file: str | None = Field(None, description="held-out prompts, same formats (task=files)")
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    image_field: str = Field(
+        "images", description="task=files: a row's images (one path or a list; relative to the data file or "
+        "absolute; `datasets` Image cells too). `<image>` in the prompt marks where each goes, else they come first")
     system_prompt: str | None = None
     n_train: int = Field(3000, ge=1, description="arithmetic: RL training problems")
     n_heldout: int = Field(300, ge=1, description="arithmetic: held-out problems")
     min_ops: int = Field(1, ge=1, le=10)
     max_ops: int = Field(5, ge=1, le=10)
+    min_count: int = Field(1, ge=1, le=8, description="shapes: fewest squares to count")
+    max_count: int = Field(6, ge=1, le=8, description="shapes: most squares to count")
 
     @model_validator(mode="after")
     def _files_given(self):
@@ -45,6 +52,8 @@ class DataConfig(Strict):
             raise ValueError("task 'files' needs data.train_file and data.heldout_file")
         if self.min_ops > self.max_ops:
             raise ValueError("data.min_ops must be <= data.max_ops")
+        if self.min_count > self.max_count:
+            raise ValueError("data.min_count must be <= data.max_count")
         return self
 
 
@@ -72,19 +81,41 @@ def prepare_run(run: RunConfig, model: ModelConfig, data: DataConfig) -> Run:
 
 
 def load_prompts(data: DataConfig, seed: int, data_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows with `prompt` and `answer` (a string); the arithmetic task writes its split
-    to `data_dir` so a run's data can be read back."""
-    from thinkrl.fileio import read_jsonl, write_jsonl
-    from thinkrl.tasks import arithmetic
+    """(train, held-out) rows with `prompt`, `answer` (a string) and `images` (absolute paths, checked to
+    decode; [] for text rows). The embedded tasks write their split to `data_dir` so a run's data can be
+    read back. Raises DataError naming the file, row and field of the first bad row."""
+    from thinkrl.fileio import write_jsonl
+    from thinkrl.tasks import arithmetic, shapes
 
-    if data.task == "arithmetic":
-        heldout = arithmetic.make_rows(data.n_heldout, seed=seed + 1, min_ops=data.min_ops, max_ops=data.max_ops)
-        train = arithmetic.make_rows(data.n_train, seed=seed, min_ops=data.min_ops, max_ops=data.max_ops,
-                                     exclude={r["prompt"] for r in heldout})
+    if data.task in ("arithmetic", "shapes"):
+        if data.task == "arithmetic":
+            ranges = dict(min_ops=data.min_ops, max_ops=data.max_ops)
+            heldout = arithmetic.make_rows(data.n_heldout, seed=seed + 1, **ranges)
+            train = arithmetic.make_rows(data.n_train, seed=seed, exclude={r["prompt"] for r in heldout}, **ranges)
+        else:
+            ranges = dict(image_dir=data_dir / "images", min_count=data.min_count, max_count=data.max_count)
+            heldout = shapes.make_rows(data.n_heldout, seed=seed + 1, **ranges)
+            train = shapes.make_rows(data.n_train, seed=seed, exclude={shapes.row_key(r) for r in heldout}, **ranges)
         write_jsonl(data_dir / "train.jsonl", train)
         write_jsonl(data_dir / "heldout.jsonl", heldout)
-        return train, heldout
+        return [{"images": [], **r} for r in train], [{"images": [], **r} for r in heldout]
+    return tuple(_file_rows(data, Path(path), data_dir / "images") for path in (data.train_file, data.heldout_file))
+
+
+def _file_rows(data: DataConfig, path: Path, image_dir: Path) -> list[dict]:
+    from thinkrl.fileio import DataError, load_rows, read_jsonl
+    from thinkrl.vl.inputs import resolve_images
+
     fields = (data.prompt_field, data.answer_field)
-    # the row's own fields first, so a numeric "answer" field still ends up as the string rewards expect
-    return tuple([{**r, "prompt": r[data.prompt_field], "answer": str(r[data.answer_field])}
-                  for r in read_jsonl(path, required=fields)] for path in (data.train_file, data.heldout_file))
+    rows = read_jsonl(path, required=fields) if path.suffix == ".jsonl" else load_rows(path)
+    out = []
+    for index, row in enumerate(rows, start=1):
+        if missing := [k for k in fields if row.get(k) is None or str(row[k]).strip() == ""]:
+            raise DataError(f"{path}:{index}: missing or empty field {', '.join(map(repr, missing))}")
+        try:
+            images = resolve_images(row, data.image_field, path.parent, f"{path}:{index}", data.prompt_field, image_dir)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        # the row's own fields first, so a numeric "answer" field still ends up as the string rewards expect
+        out.append({**row, "prompt": row[data.prompt_field], "answer": str(row[data.answer_field]), "images": images})
+    return out

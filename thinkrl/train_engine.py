@@ -109,6 +109,7 @@ class TrainEngine:
         )
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size = dist.rank, dist.world_size
+        self.model_path = Path(model_path)
         self.dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         model = load_causal_lm(model_path, self.dtype)
         if dist.gradient_checkpointing:
@@ -143,10 +144,12 @@ class TrainEngine:
     # ---- forward ---------------------------------------------------------------------------------
 
     def token_logprobs(self, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor,
-                       target_mask_B_T: torch.Tensor, position_ids_B_T: torch.Tensor | None = None) -> torch.Tensor:
+                       target_mask_B_T: torch.Tensor, position_ids_B_T: torch.Tensor | None = None,
+                       images=None) -> torch.Tensor:
         """`token_logprobs` (the module function) on this rank's model; see there for the contract."""
         return token_logprobs(self.engine.module, input_ids_B_T, attention_mask_B_T, target_mask_B_T,
-                              position_ids_B_T, chunk_tokens=self.logprob_chunk_tokens, device=self.device)
+                              position_ids_B_T, chunk_tokens=self.logprob_chunk_tokens, device=self.device,
+                              images=images)
 
     # ---- update ----------------------------------------------------------------------------------
 
@@ -213,6 +216,7 @@ class TrainEngine:
         if self.rank == 0:
             self.engine.module.save_pretrained(out_dir, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
+            copy_processor_files(self.model_path, Path(out_dir))
 
     def save_state(self, out_dir: str | Path) -> None:
         """Resumable training state (weights, optimizer, scheduler) into `out_dir` (every rank)."""
@@ -220,6 +224,20 @@ class TrainEngine:
 
     def load_state(self, in_dir: str | Path) -> None:
         self.engine.load_checkpoint(str(in_dir), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def copy_processor_files(source: Path, out_dir: Path) -> None:
+    """A vision-language folder's processor (its configs and remote code) into a checkpoint of it, so the
+    checkpoint loads in vLLM and transformers like the folder it was trained from."""
+    import shutil
+
+    for path in source.iterdir():
+        if path.name in PROCESSOR_FILES or (path.suffix == ".py" and path.name.startswith(("processing_", "image_processing_"))):
+            if not (out_dir / path.name).exists():
+                shutil.copyfile(path, out_dir / path.name)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -260,28 +278,34 @@ def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def token_logprobs(module, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor,
                    target_mask_B_T: torch.Tensor, position_ids_B_T: torch.Tensor | None = None, *,
-                   chunk_tokens: int = 4096, device: torch.device | str = "cpu") -> torch.Tensor:
+                   chunk_tokens: int = 4096, device: torch.device | str = "cpu", images=None) -> torch.Tensor:
     """log p(token_t | tokens_<t) for every position where `target_mask` is 1 (else 0), [B, T].
 
     Position 0 never has a log-prob, nor has the first token of a packed example. Gradients flow
     when called outside `torch.no_grad()`. `position_ids` (packed rows): restart at 0 at each
     example's first token (padding included, as its own example); attention stays inside examples.
     Without it, rows are single right-padded sequences (RL's input) and nothing changes.
+    `images` (a vision-language model, `thinkrl.vl`): a `thinkrl.vl.inputs.ImageBatch` of the batch's
+    images in the order their (expanded) placeholder tokens appear, row by row; gradients reach the
+    vision tower and the projector through the image tokens' embeddings.
     """
     decoder = module.get_decoder() if hasattr(module, "get_decoder") else module.model
     input_ids_B_T = input_ids_B_T.to(device)
     attention_mask_B_T = attention_mask_B_T.to(device)
     target_mask_B_T = target_mask_B_T.to(device).bool()
+    inputs = {"input_ids": input_ids_B_T}
+    if hasattr(module, "embed_inputs"):  # a vision-language model: image tokens take the images' features
+        pixels = None if images is None else images.pixel_values.to(device)
+        inputs = {"inputs_embeds": module.embed_inputs(input_ids_B_T, pixels, [] if images is None else images.grid_hws)}
     if position_ids_B_T is None:
-        hidden_B_T_H = decoder(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).last_hidden_state
+        hidden_B_T_H = decoder(**inputs, attention_mask=attention_mask_B_T).last_hidden_state
     else:
         position_ids_B_T = position_ids_B_T.to(device)
         if "flash" in str(getattr(module.config, "_attn_implementation", "")):
             mask = None  # varlen kernels find the example boundaries in the position ids
         else:
             mask = block_diagonal_mask(position_ids_B_T)
-        hidden_B_T_H = decoder(input_ids=input_ids_B_T, attention_mask=mask,
-                               position_ids=position_ids_B_T).last_hidden_state
+        hidden_B_T_H = decoder(**inputs, attention_mask=mask, position_ids=position_ids_B_T).last_hidden_state
         # a packed example's first token is predicted from the previous example's last: no log-prob
         target_mask_B_T = target_mask_B_T & (position_ids_B_T != 0)
     # hidden at t-1 predicts token t
