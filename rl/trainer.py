@@ -161,7 +161,7 @@ class PMDWorker:
         """The pixel inputs of a bucket's images, in row order (None for a text model)."""
         if self.vision is None:
             return None
-        return self.vision.batch([image for s in chunk for image in (s.images or [])])
+        return self.vision.batch([s.images or [] for s in chunk])
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss of exactly 0 that still runs the model (a padding micro-batch's backward)."""

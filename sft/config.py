@@ -32,10 +32,11 @@ class SFTConfig(Strict):
     enabled: bool = Field(True, description="run the long-CoT SFT warmup before RL")
     data_file: str | None = Field(
         None, description="JSONL / Parquet file or `datasets` folder of {'messages': [...]}; "
-        "default: the arithmetic teacher through the dataset builder")
-    n_examples: int = Field(6000, ge=1, description="arithmetic teacher: conversations to write")
-    slip_rate: float = Field(0.15, ge=0, le=1, description="arithmetic teacher: chance a step slips by one")
-    fix_rate: float = Field(0.5, ge=0, le=1, description="arithmetic teacher: chance a slip is caught")
+        "default: the embedded task's teacher (arithmetic, shapes) through the dataset builder")
+    n_examples: int = Field(6000, ge=1, description="embedded task's teacher: conversations to write")
+    slip_rate: float = Field(0.15, ge=0, le=1, description="embedded task's teacher: chance a step (arithmetic) or "
+                             "a quadrant's count (shapes) slips by one")
+    fix_rate: float = Field(0.5, ge=0, le=1, description="embedded task's teacher: chance a slip is caught")
     steps: int = Field(400, ge=1, description="optimizer steps of the first stage")
     batch_size: int = Field(32, ge=1, description="examples per optimizer step (all ranks together)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate of the first stage")
@@ -48,6 +49,8 @@ class SFTConfig(Strict):
 
     # -- additions (issue 5) --
     messages_field: str = Field("messages", description="row field holding the ChatML message list")
+    image_field: str = Field("images", description="row field holding a conversation's images (paths relative to the "
+                             "data file, or absolute); `<image>` in a user turn marks where each goes")
     bad_rows: Literal["reject", "skip"] = Field(
         "reject", description="rows with no assistant turn, empty content or too many tokens: "
         "reject fails naming the first; skip drops them (each reported by index, counted)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from thinkrl.chat import EncodedConversation, encode_conversation
 from thinkrl.fileio import DataError, load_rows  # noqa: F401  (load_rows: sft.data's readers live in thinkrl)
@@ -42,9 +43,14 @@ def _row_problem(row: dict, messages_field: str) -> str | None:
 
 
 def encode_rows(tokenizer, rows: list[dict], source: str, max_seq_len: int, *,
-                bad_rows: str = "reject", messages_field: str = "messages") -> SFTExamples:
+                bad_rows: str = "reject", messages_field: str = "messages", image_field: str = "images",
+                vision=None) -> SFTExamples:
     """Tokenize conversation rows with assistant-only loss masks.
 
+    Rows with images (`image_field`: paths relative to `source`'s folder, or absolute) need `vision` (a
+    `thinkrl.vl.inputs.VisionInputs` of the model): each image's placeholder is expanded exactly as the
+    engine expands it, and image tokens never carry loss. A missing or unreadable image, or more images
+    than `<image>` marks, is a bad row.
     `bad_rows="reject"` raises DataError naming `source`, the 1-based row and the field on the first bad
     row; `"skip"` leaves bad rows out and lists them in `skipped`.
     """
@@ -57,9 +63,12 @@ def encode_rows(tokenizer, rows: list[dict], source: str, max_seq_len: int, *,
         if problem is None:
             messages = [{"role": m["role"], "content": m["content"]} for m in row[messages_field]]
             try:
-                encoded = encode_conversation(tokenizer, messages)
+                images = _row_images(row, image_field, Path(source).parent, f"{source}:{lineno}", vision)
+                encoded = encode_conversation(tokenizer, _with_placeholders(messages, len(images)))
+                if images:
+                    encoded = _expand_images(encoded, images, vision)
             except ValueError as e:
-                problem = str(e)
+                problem = str(e).removeprefix(f"{source}:{lineno}: ")
         if encoded is not None and len(encoded.input_ids) > max_seq_len:
             problem = f"{len(encoded.input_ids)} tokens, over max_seq_len={max_seq_len}"
         if problem is not None:
@@ -71,6 +80,51 @@ def encode_rows(tokenizer, rows: list[dict], source: str, max_seq_len: int, *,
     if not examples:
         raise DataError(f"{source}: no usable rows ({len(skipped)} skipped, first: {skipped[:1]})")
     return SFTExamples(examples, source, skipped)
+
+
+def _row_images(row: dict, field: str, base_dir: Path, where: str, vision) -> list[bytes]:
+    """The row's images as bytes (checked to decode), or ValueError naming the field."""
+    from thinkrl.vl.inputs import image_list, resolve_images
+
+    if not image_list(row.get(field)):
+        return []
+    if vision is None:
+        raise ValueError(f"field {field!r}: images need a vision-language model")
+    return [Path(p).read_bytes() for p in resolve_images(row, field, base_dir, where, prompt_field="")]
+
+
+def _with_placeholders(messages: list[dict], n_images: int) -> list[dict]:
+    """The user turns' `<image>` marks as the model's placeholders; without marks the images open the
+    first user turn. Raises ValueError when marks and images differ in number."""
+    from thinkrl.vl.inputs import IMAGE_MARK, render_prompt
+
+    marks = sum(m["content"].count(IMAGE_MARK) for m in messages if m["role"] == "user")
+    if n_images == 0 and marks == 0:
+        return messages
+    if marks and marks != n_images:
+        raise ValueError(f"{marks} {IMAGE_MARK} marks in the user turns for {n_images} images")
+    out, first = [], True
+    for m in messages:
+        if m["role"] == "user" and (marks or first):
+            count = m["content"].count(IMAGE_MARK) if marks else n_images
+            m = {**m, "content": render_prompt(m["content"], count)}
+            first = False
+        out.append(m)
+    return out
+
+
+def _expand_images(encoded: EncodedConversation, images: list[bytes], vision) -> EncodedConversation:
+    """Each placeholder token repeated as the model's processor (and the engine) expands it; no loss on any."""
+    token = vision.token_id
+    slots = [p for p, t in enumerate(encoded.input_ids) if t == token]
+    if len(slots) != len(images):
+        raise ValueError(f"{len(slots)} image placeholders for {len(images)} images")
+    ids, mask, last = [], [], 0
+    for p, data in zip(slots, images, strict=True):
+        ids += encoded.input_ids[last:p] + [token] * vision.num_tokens(data)
+        mask += encoded.loss_mask[last:p] + [0] * vision.num_tokens(data)
+        last = p + 1
+    return EncodedConversation(ids + encoded.input_ids[last:], mask + encoded.loss_mask[last:], list(images))
 
 
 def split_heldout(examples: list[EncodedConversation], fraction: float, seed: int,

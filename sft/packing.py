@@ -12,7 +12,7 @@ step number; the price is a partly filled last row per step, small once a step h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,13 @@ class Batch:
     target_mask_B_T: torch.Tensor
     position_ids_B_T: torch.Tensor | None
     n_examples: int
+    # each row's images (encoded bytes) in the order of their placeholder tokens: an example's images stay
+    # in the row that holds its tokens
+    row_images: list[list[bytes]] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[bytes]:
+        return [image for row in self.row_images for image in row]
 
     @property
     def real_tokens(self) -> int:
@@ -117,7 +124,7 @@ def packed_batch(examples: list[EncodedConversation], budget: int, pad_id: int) 
             attn[r, at : at + n] = 1
             at += n
         pos[r, at:] = torch.arange(width - at)  # the padding tail is a run of its own
-    return Batch(ids, attn, target, pos, len(examples))
+    return Batch(ids, attn, target, pos, len(examples), [[im for i in b for im in examples[i].images] for b in bins])
 
 
 def padded_batch(examples: list[EncodedConversation], pad_id: int) -> Batch:
@@ -125,7 +132,7 @@ def padded_batch(examples: list[EncodedConversation], pad_id: int) -> Batch:
     from thinkrl.train_engine import pad_batch
 
     ids, attn, target = pad_batch([e.input_ids for e in examples], [e.loss_mask for e in examples], pad_id)
-    return Batch(ids, attn, target, None, len(examples))
+    return Batch(ids, attn, target, None, len(examples), [list(e.images) for e in examples])
 
 
 def bucketed_batches(examples: list[EncodedConversation], pad_id: int) -> list[Batch]:
@@ -147,7 +154,7 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
             return None if t is None else t[lo:hi]
 
         out.append(Batch(cut(batch.input_ids_B_T), cut(batch.attention_mask_B_T), cut(batch.target_mask_B_T),
-                         cut(batch.position_ids_B_T), 0))
+                         cut(batch.position_ids_B_T), 0, batch.row_images[lo:hi]))
     return out
 
 

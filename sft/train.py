@@ -26,15 +26,15 @@ from sft.config import SFTConfig, TrainerResources
 from thinkrl.fileio import atomic_directory, atomic_write_json
 
 
-def optim_config(sft: SFTConfig):
-    """The TrainEngine optimizer/schedule of a warmup (both stages)."""
+def optim_config(sft: SFTConfig, frozen: tuple[str, ...] = ()):
+    """The TrainEngine optimizer/schedule of a warmup (both stages); `frozen`: parameter prefixes not trained."""
     from thinkrl.train_engine import OptimConfig
 
     s2 = sft.second_stage
     return OptimConfig(lr=sft.lr, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
                        warmup_steps=sft.warmup_steps, total_steps=sft.steps, min_lr_ratio=sft.min_lr_ratio,
                        decay=sft.schedule,
-                       stages=((s2.steps, s2.lr, s2.min_lr, s2.warmup_steps),) if s2 else ())
+                       stages=((s2.steps, s2.lr, s2.min_lr, s2.warmup_steps),) if s2 else (), frozen=frozen)
 
 
 def _latest_state(state_root: Path) -> tuple[int, Path] | None:
@@ -108,7 +108,7 @@ class _Progress:
 def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
             num_trainers: int = 1, zero_stage: int = 1, gpus_per_trainer: float = 0.0,
             log=print, *, heldout: list | None = None, metrics_file: Path | None = None,
-            gradient_checkpointing: bool = False) -> dict[str, float]:
+            gradient_checkpointing: bool = False, frozen: tuple[str, ...] = ()) -> dict[str, float]:
     """Train on `examples` (EncodedConversation list) and save the result to `out_dir`. Returns stats.
 
     `heldout`: examples for the periodic eval loss (default: a seeded `sft.eval_fraction` of `examples`).
@@ -124,7 +124,7 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     stages, heldout = _stages(sft, examples, heldout, seed)
     zero = sft.zero_stage if sft.zero_stage is not None else zero_stage
     checkpointing = sft.gradient_checkpointing if sft.gradient_checkpointing is not None else gradient_checkpointing
-    workers = _start_workers(sft, model_path, seed, num_trainers, zero, gpus_per_trainer, checkpointing)
+    workers = _start_workers(sft, model_path, seed, num_trainers, zero, gpus_per_trainer, checkpointing, frozen)
     start_step = _resume(workers, state_root, log)
     per_rank = max(sft.micro_batches, sft.batch_size // num_trainers)
     progress, step, offset = _Progress(time.time(), []), start_step, 0
@@ -171,12 +171,12 @@ def _stages(sft: SFTConfig, examples: list, heldout: list | None, seed: int) -> 
 
 
 def _start_workers(sft: SFTConfig, model_path: str, seed: int, num_trainers: int, zero: int,
-                   gpus_per_trainer: float, checkpointing: bool) -> list:
+                   gpus_per_trainer: float, checkpointing: bool, frozen: tuple[str, ...] = ()) -> list:
     from sft.worker import SFTWorker
     from thinkrl.cluster import trainer_group
     from thinkrl.train_engine import DistConfig
 
-    optim = optim_config(sft)
+    optim = optim_config(sft, frozen)
     return trainer_group(
         SFTWorker, num_trainers,
         lambda rank, addr, port: (model_path, optim, DistConfig(rank, num_trainers, addr, port, zero, checkpointing),
@@ -208,11 +208,12 @@ def _log_step(record: dict, total_steps: int, start: float, metrics_file: Path |
         f"  fill {record['non_padding_share']:.3f}  {time.time() - start:.0f}s")
 
 
-def load_sft_examples(sft, tokenizer, log=print) -> tuple[list, list | None]:
+def load_sft_examples(sft, tokenizer, log=print, vision=None) -> tuple[list, list | None]:
     """(train, heldout or None) examples of `sft.data_file` / `sft.eval_file`, under the bad-row policy.
 
     Skipped rows are logged by row with their reason (the first 20) and counted. Examples are encoded
-    up to the longest stage's `max_seq_len`; `run_sft` gives each stage the ones that fit it.
+    up to the longest stage's `max_seq_len`; `run_sft` gives each stage the ones that fit it. `vision`
+    (`thinkrl.vl.inputs.VisionInputs`): the model's processor, for rows with images.
     """
     from sft.data import encode_rows, load_rows
 
@@ -223,7 +224,7 @@ def load_sft_examples(sft, tokenizer, log=print) -> tuple[list, list | None]:
             out.append(None)
             continue
         encoded = encode_rows(tokenizer, load_rows(path), str(path), longest, bad_rows=sft.bad_rows,
-                              messages_field=sft.messages_field)
+                              messages_field=sft.messages_field, image_field=sft.image_field, vision=vision)
         if encoded.skipped:
             log(f"[sft] {path}: skipped {len(encoded.skipped)} bad rows (bad_rows=skip)")
             for row, reason in encoded.skipped[:20]:
@@ -232,19 +233,21 @@ def load_sft_examples(sft, tokenizer, log=print) -> tuple[list, list | None]:
     return out[0], out[1]
 
 
-def build_arithmetic_sft_data(prompt_rows: list[dict], out_dir: Path, seed: int, slip_rate: float,
-                              fix_rate: float, samples_per_row: int = 1, verify: bool = False,
-                              log=print) -> Path:
-    """The tiny recipe's warmup data through the dataset builder with the arithmetic teacher.
+def build_task_sft_data(prompt_rows: list[dict], out_dir: Path, seed: int, slip_rate: float,
+                        fix_rate: float, samples_per_row: int = 1, verify: bool = False,
+                        log=print) -> Path:
+    """An embedded task's warmup data through the dataset builder with the task's programmatic teacher.
 
-    `prompt_rows` are `arithmetic.make_rows` rows. `verify=False` keeps every trace (reward 'none'): the
-    teacher's slips are part of the recipe. Returns the `data.jsonl` path (`sft.data_file`); resumable
-    and idempotent like every build.
+    `prompt_rows` are `arithmetic.make_rows` rows, or `shapes.make_rows` rows (with `images`: the shapes
+    teacher). `verify=False` keeps every trace (reward 'none'): the teacher's slips are part of the
+    recipe. Returns the `data.jsonl` path (`sft.data_file`); resumable and idempotent like every build.
     """
     from sft.build_cot import ArithmeticTeacher, Question, build_dataset
+    from thinkrl.tasks.shapes import ShapesTeacher
 
-    questions = [Question(r["id"], r["prompt"], r["answer"], []) for r in prompt_rows]
-    build_dataset(questions, out_dir, ArithmeticTeacher(slip_rate, fix_rate), k=samples_per_row, keep="all",
+    questions = [Question(r["id"], r["prompt"], r["answer"], list(r.get("images") or [])) for r in prompt_rows]
+    teacher_class = ShapesTeacher if any(q.images for q in questions) else ArithmeticTeacher
+    build_dataset(questions, out_dir, teacher_class(slip_rate, fix_rate), k=samples_per_row, keep="all",
                   reward="math" if verify else "none", seed=seed, chunk_size=1000, reward_workers=1,
                   progress=False, log=log)
     return Path(out_dir) / "data.jsonl"
@@ -265,11 +268,12 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
     `data` is the recipe's data section and `run` a prepared `thinkrl.run.Run`. A finished warmup (its
     Hugging Face folder exists) is not read again: its examples come back empty.
     """
-    from thinkrl.tasks import arithmetic
+    from thinkrl.tasks import arithmetic, shapes
+    from thinkrl.vl import is_vl
 
     if not sft.enabled:
         return None
-    if not sft.data_file and data.task != "arithmetic":
+    if not sft.data_file and data.task == "files":
         raise ValueError(f"{run.dir}: sft.enabled needs sft.data_file when data.task is 'files'")
     data_file = Path(sft.data_file) if sft.data_file else run.dir / "data" / "sft-cot" / "data.jsonl"
     if (run.dir / "checkpoints" / "sft" / "config.json").exists():
@@ -277,15 +281,26 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
     if not sft.data_file:
         # the warmup data goes through the dataset builder (python -m sft.build_cot) with the
         # programmatic teacher, unverified: its slips are part of the recipe
-        prompts = arithmetic.make_rows(sft.n_examples, seed=seed + 2, min_ops=data.min_ops, max_ops=data.max_ops,
-                                       exclude={r["prompt"] for r in run.heldout_rows})
-        data_file = build_arithmetic_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log)
-    examples, heldout = load_sft_examples(sft.model_copy(update={"data_file": str(data_file)}), run.tokenizer, log=log)
+        if data.task == "arithmetic":
+            prompts = arithmetic.make_rows(sft.n_examples, seed=seed + 2, min_ops=data.min_ops, max_ops=data.max_ops,
+                                           exclude={r["prompt"] for r in run.heldout_rows})
+        else:
+            prompts = shapes.make_rows(sft.n_examples, seed=seed + 2, image_dir=run.dir / "data" / "images",
+                                       min_count=data.min_count, max_count=data.max_count,
+                                       exclude={shapes.row_key(r) for r in run.heldout_rows})
+        data_file = build_task_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log)
+    vision = None
+    if is_vl(run.base_model):
+        from thinkrl.vl.inputs import VisionInputs
+
+        vision = VisionInputs(run.base_model)
+    examples, heldout = load_sft_examples(sft.model_copy(update={"data_file": str(data_file)}), run.tokenizer, log=log,
+                                          vision=vision)
     return Warmup(data_file, examples, heldout)
 
 
 def run_warmup(sft: SFTConfig, trainers: TrainerResources, warmup: Warmup | None, run, seed: int,
-               log=print) -> tuple[Path, float | None]:
+               log=print, frozen: tuple[str, ...] = ()) -> tuple[Path, float | None]:
     """Run the warmup unless it finished before; returns the model RL starts from and the warmup's wall time."""
     sft_dir = run.dir / "checkpoints" / "sft"
     if warmup is None:
@@ -296,7 +311,7 @@ def run_warmup(sft: SFTConfig, trainers: TrainerResources, warmup: Warmup | None
         stats = run_sft(sft, warmup.examples, str(run.base_model), sft_dir, seed, trainers.num_trainers,
                         trainers.zero_stage, trainers.gpus_per_trainer, log=log, heldout=warmup.heldout,
                         metrics_file=run.dir / "sft_metrics.jsonl",
-                        gradient_checkpointing=trainers.gradient_checkpointing)
+                        gradient_checkpointing=trainers.gradient_checkpointing, frozen=frozen)
         atomic_write_json(run.dir / "sft_stats.json", {**stats, "wall_seconds": time.time() - t0})
     stats_file = run.dir / "sft_stats.json"
     return sft_dir, json.loads(stats_file.read_text())["wall_seconds"] if stats_file.exists() else None
@@ -330,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dump_recipe(recipe, run.dir / "sft_config.yaml")
     init_ray()
-    run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed)
+    run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed, frozen=recipe.model.frozen)
     print(json.dumps(json.loads((run.dir / "sft_stats.json").read_text())))
     print(out)
     return 0

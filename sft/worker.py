@@ -22,8 +22,15 @@ class SFTWorker:
     """One rank of the SFT trainer group. Created as a Ray actor by the SFT driver."""
 
     def __init__(self, model_path: str, optim: OptimConfig, dist: DistConfig, seed: int, micro_batches: int = 1) -> None:
+        from thinkrl.vl import is_vl
+
         self.engine = TrainEngine(model_path, optim, dist, seed=seed)
         self.pad_id = self.engine.tokenizer.pad_token_id
+        self.vision = None
+        if is_vl(model_path):
+            from thinkrl.vl.inputs import VisionInputs
+
+            self.vision = VisionInputs(model_path)
         self.micro_batches = micro_batches
         self.zero_stage = dist.zero_stage
 
@@ -41,8 +48,9 @@ class SFTWorker:
         return bucketed_batches(examples, self.pad_id)
 
     def _nll_sum(self, batch: Batch) -> torch.Tensor:
+        images = self.vision.batch(batch.row_images) if self.vision is not None else None
         logp_B_T = self.engine.token_logprobs(batch.input_ids_B_T, batch.attention_mask_B_T,
-                                              batch.target_mask_B_T, batch.position_ids_B_T)
+                                              batch.target_mask_B_T, batch.position_ids_B_T, images=images)
         return -logp_B_T.sum()
 
     @staticmethod

@@ -146,11 +146,11 @@ def test_resume_after_interruption_gives_the_uninterrupted_dataset(tmp_path):
 def test_tiny_recipe_warmup_data_through_the_builder(tmp_path):
     """The tiny recipe's path: arithmetic teacher -> builder (unverified: slips kept) -> SFT loader."""
     from sft.config import SFTConfig
-    from sft.train import build_arithmetic_sft_data, load_sft_examples
+    from sft.train import build_task_sft_data, load_sft_examples
     from thinkrl.models import build_tokenizer
 
     prompts = arithmetic.make_rows(30, seed=2, max_ops=3)
-    path = build_arithmetic_sft_data(prompts, tmp_path / "sft-cot", seed=0, slip_rate=0.5, fix_rate=0.0,
+    path = build_task_sft_data(prompts, tmp_path / "sft-cot", seed=0, slip_rate=0.5, fix_rate=0.0,
                                      log=lambda _: None)
     stats = json.loads((tmp_path / "sft-cot" / "stats.json").read_text())
     assert stats["traces_kept"] == 30 and stats["reward"] == "none"

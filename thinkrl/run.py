@@ -24,7 +24,15 @@ class RunConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name_or_path: str = Field("tiny-dense", description="'tiny-dense', 'tiny-moe' (built offline) or a local HF folder")
+    name_or_path: str = Field("tiny-dense", description="'tiny-dense', 'tiny-moe', 'tiny-vl' (a Kimi-VL; built "
+                              "offline) or a local HF folder")
+    freeze_vision_tower: bool = Field(False, description="a vision-language model: train the projector and the "
+                                      "language model only (SFT and RL)")
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Parameter-name prefixes the trainers leave as they are."""
+        return ("vision_tower.",) if self.freeze_vision_tower else ()
 
 
 class DataConfig(Strict):

@@ -44,6 +44,8 @@ class OptimConfig:
     # Further stages after `total_steps`, each re-warming: (steps, peak_lr, min_lr, warmup_steps).
     # k1.5's long-CoT SFT: 2e-5 -> 2e-6 at 32K, then re-warm to 1e-5 -> 1e-6 at 128K.
     stages: tuple[tuple[int, float, float, int], ...] = ()
+    # parameters left as they are: names starting with one of these (e.g. "vision_tower." to freeze a VLM's tower)
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,8 +118,11 @@ class TrainEngine:
             enable_gradient_checkpointing(model)
         self.tokenizer = load_tokenizer(model_path)
         self.logprob_chunk_tokens = logprob_chunk_tokens
+        for name, param in model.named_parameters():
+            if optim.frozen and name.startswith(optim.frozen):
+                param.requires_grad_(False)
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+            [p for p in model.parameters() if p.requires_grad], lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
             fused=self.device.type == "cuda",  # one kernel for all parameters instead of several per tensor
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
@@ -295,8 +300,11 @@ def token_logprobs(module, input_ids_B_T: torch.Tensor, attention_mask_B_T: torc
     target_mask_B_T = target_mask_B_T.to(device).bool()
     inputs = {"input_ids": input_ids_B_T}
     if hasattr(module, "embed_inputs"):  # a vision-language model: image tokens take the images' features
-        pixels = None if images is None else images.pixel_values.to(device)
-        inputs = {"inputs_embeds": module.embed_inputs(input_ids_B_T, pixels, [] if images is None else images.grid_hws)}
+        if images is None:  # a text batch: a placeholder the policy generated is text
+            embeds = module.embed_inputs(input_ids_B_T, None, [], [0] * input_ids_B_T.shape[0])
+        else:
+            embeds = module.embed_inputs(input_ids_B_T, images.pixel_values.to(device), images.grid_hws, images.row_tokens)
+        inputs = {"inputs_embeds": embeds}
     if position_ids_B_T is None:
         hidden_B_T_H = decoder(**inputs, attention_mask=attention_mask_B_T).last_hidden_state
     else:

@@ -67,7 +67,7 @@ def resolve_images(row: dict, field: str, base_dir: Path, where: str, prompt_fie
     itself (a `datasets` Image cell: {"bytes": ..., "path": ...}) is written once to `image_dir` under
     its content hash. Raises ValueError starting with `where` (file:row) and naming the field.
     """
-    from thinkrl.fileio import atomic_write_bytes
+    from rewards.atomic import atomic_write_bytes
 
     out = []
     for i, ref in enumerate(image_list(row.get(field))):
@@ -129,10 +129,13 @@ def decode(data: bytes):
 
 @dataclass
 class ImageBatch:
-    """Pixel inputs of a batch's images, in placeholder order: patches [N, 3, p, p] and each image's grid."""
+    """Pixel inputs of a batch's images, in placeholder order: patches [N, 3, p, p], each image's grid, and
+    each row's image-token count (its first that many placeholder tokens are images: a placeholder token
+    the policy *generated* is text, as vLLM embeds it)."""
 
     pixel_values: object  # torch.Tensor
     grid_hws: list[tuple[int, int]]
+    row_tokens: list[int]
 
 
 class VisionInputs:
@@ -179,11 +182,13 @@ class VisionInputs:
             last = p + 1
         return out + ids[last:]
 
-    def batch(self, images: list[bytes]) -> ImageBatch | None:
-        """The pixel inputs of `images` (in order), or None for none."""
+    def batch(self, row_images: list[list[bytes]]) -> ImageBatch | None:
+        """The pixel inputs of each row's images (rows in batch order), or None when there is none."""
         import torch
 
+        images = [d for row in row_images for d in row]
         if not images:
             return None
         done = [self._processed(d) for d in images]
-        return ImageBatch(torch.cat([d[0] for d in done]), [d[1] for d in done])
+        return ImageBatch(torch.cat([d[0] for d in done]), [d[1] for d in done],
+                          [sum(self.num_tokens(d) for d in row) for row in row_images])

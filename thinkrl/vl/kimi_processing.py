@@ -78,8 +78,6 @@ class KimiVLImageProcessor(BaseImageProcessor):
 
 class KimiVLProcessor(ProcessorMixin):
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
         self.image_token = "<|media_pad|>"

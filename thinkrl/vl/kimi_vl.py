@@ -224,13 +224,20 @@ class KimiVLForConditionalGeneration(PreTrainedModel):
         return self.multi_modal_projector(torch.cat(merged))
 
     def embed_inputs(self, input_ids_B_T: torch.Tensor, pixel_values: torch.Tensor | None,
-                     grid_hws: list[tuple[int, int]]) -> torch.Tensor:
-        """Token embeddings with each `<|media_pad|>` (row-major over the batch) replaced by the next image
-        token's features. Raises ValueError when the placeholder count differs from the images' tokens."""
+                     grid_hws: list[tuple[int, int]], row_tokens: list[int] | None = None) -> torch.Tensor:
+        """Token embeddings with the image tokens' features in place of `<|media_pad|>`, row-major.
+
+        `row_tokens`: image tokens of each row; a row's first that many placeholders are its images, any
+        later one was generated and stays text (as vLLM embeds it). None: every placeholder is an image.
+        Raises ValueError when the placeholders and the images' tokens differ in number.
+        """
         embeds = self.get_input_embeddings()(input_ids_B_T)
         slots = input_ids_B_T == self.config.media_placeholder_token_id
+        if row_tokens is not None:
+            limit = torch.tensor(row_tokens, device=slots.device)[:, None]
+            slots = slots & (slots.long().cumsum(-1) <= limit)
         if pixel_values is None or not grid_hws:
-            if slots.any():
+            if row_tokens is None and slots.any():
                 raise ValueError(f"{int(slots.sum())} image placeholder tokens but no image")
             return embeds
         features = self.image_features(pixel_values, grid_hws).to(embeds.dtype)
