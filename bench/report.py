@@ -387,6 +387,53 @@ def section_learning(out: list[str], status: dict) -> None:
                "reported whichever way it comes out.\n")
 
 
+def section_vl(out: list[str], status: dict) -> None:
+    out.append("## 8. Vision-language path: rollout and trainer tokens/s with images\n")
+    r = load("vl_efficiency")
+    if not r:
+        out.append(missing("vl_efficiency", status))
+        return
+    s, ro, tr = r["settings"], r["rollout"], r["trainer"]
+    out.append(f"`{r['command']}`\n")
+    out.append(f"Model: {s['model']} ({'random weights: responses run to max tokens' if s['model'] == 'tiny-vl' else 'checkpoint'}"
+               f", mean response {ro['mean_response_tokens']:.0f} of {s['max_tokens']} tokens); prompts of the shapes "
+               f"task, one 56 px image each ({tr['image_tokens_per_sample']} image tokens once expanded); new prompts "
+               f"and images every repetition; settings of `{s['recipe']}` otherwise.\n")
+    out.append(f"Rollout: tokens/s of `rl.generation.generate` through the `RolloutEngine` Ray actor divided by a "
+               f"bare in-process `vllm.LLM.generate` on the same request ({s['prompts']} prompts x n={s['k']}, max "
+               f"{s['max_tokens']} tokens, temperature {s['temperature']}, the same images as multi-modal data, the "
+               f"engine options thinkrl's engines get, the sampled tokens' log-probs), alternated.\n")
+    table_header(out, "| measurement | median tokens/s (context only) | ratio | goal |")
+    tps = ro["tokens_per_s"]
+    out.append(f"| rollout, thinkrl / raw vLLM | {tps['thinkrl']:.0f} / {tps['raw_vllm']:.0f} | "
+               f"{fmt_ratio(ro['ratio'], 3)} | >= 0.95: {goal(ro['ratio']['median'] >= 0.95)} |")
+    tps = tr["tokens_per_s"]
+    out.append(f"| trainer update, with images / the same samples text-only | {tps['image']:.0f} / {tps['text']:.0f} | "
+               f"{fmt_ratio(tr['ratio'], 3)} | |")
+    out.append("")
+    out.append(f"Trainer: `PMDWorker.update` (in-process, world size 1) on thinkrl's rollouts of the same repetition "
+               f"({s['train_prompts']} prompts x {s['k']} samples, {tr['optimizer_steps']} optimizer steps, "
+               f"old log-probs from the {s['old_logprobs']}, {tr['mean_tokens_per_sample']:.0f} tokens per sample), "
+               "against the same samples with every image token replaced by a text token and no images (same "
+               "lengths, same micro-batches). Tokens/s = (prompt + response tokens) / s. Share of the image update "
+               "that images cost:\n")
+    table_header(out, "| part | share of the image update's wall time (min / median / max) |")
+    for key, label in (("images_share", "all of it: 1 - (image / text ratio), forward and backward"),
+                       ("tower_forward_share", "vision tower + projector, forward (timed directly)"),
+                       ("processor_share", "image processor (timed directly)")):
+        x = tr[key]
+        out.append(f"| {label} | {x['min']:.1%} / **{x['median']:.1%}** / {x['max']:.1%} |")
+    out.append("")
+    out.append("What limits it: in the rollout both sides decode the PNGs and run the same vLLM engine, whose "
+               "encoder cache (keyed by the image's content) serves a prompt's n samples from one pass of the "
+               "tower; thinkrl adds the Ray round trip (with the "
+               "image bytes) and its conversion of the outputs, and saves vLLM's incremental detokenization. In "
+               "the trainer the tower runs on every sample's copy of its prompt's image (k times per image per "
+               "forward pass: each row's features carry their own gradient), and its backward is not timed "
+               "apart: the first row of the share table holds it, with the scatter into the embeddings. The "
+               "in-process trainer does not pay the Ray hop that ships the samples to a trainer actor.\n")
+
+
 def summary() -> list[str]:
     """One row per ratio the suite measures, with its goal."""
     rows = []
@@ -429,6 +476,11 @@ def summary() -> list[str]:
     if r and "speedup_2_over_1" in r:
         x = r["speedup_2_over_1"]
         rows.append(("5. math verifications/s, 2 workers / 1", {**x, "n": r.get("reps", 0)}, "-> 2", None))
+    r = load("vl_efficiency")
+    if r:
+        rows.append(("8. VL rollout layer / raw vLLM tokens/s (image prompts)", r["rollout"]["ratio"], ">= 0.95",
+                     r["rollout"]["ratio"]["median"] >= 0.95))
+        rows.append(("8. VL trainer tokens/s, with images / text-only", r["trainer"]["ratio"], "", None))
     if not rows:
         return []
     out = ["## Summary\n"]
@@ -470,7 +522,7 @@ def build(status: dict) -> str:
         out.append("")
     out.extend(summary())
     for section in (section_throughput, section_rollout, section_sync, section_trainer, section_rewards,
-                    section_learning, section_gpu):
+                    section_learning, section_gpu, section_vl):
         try:
             section(out, status)
         except (KeyError, TypeError, ValueError) as e:  # a result file of an older format: say so, go on

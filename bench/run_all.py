@@ -34,6 +34,9 @@ STEPS: dict[str, tuple[list[str], int]] = {
     # the MoE warmup is cut short to fit the budget: its lengths are an early-SFT distribution
     "rl_throughput_tiny-moe": (["rl_vs_trl.py", "--model", "tiny-moe", "--prompts", "8", "--reps", "5",
                                 "--sft-steps", "60"], 900),
+    # the tiny Kimi-VL (random weights, no warmup): rollout vs raw vLLM and trainer image vs text; estimated at
+    # ~5 minutes on this machine idle, not yet timed inside the suite
+    "vl_efficiency": (["vl_efficiency.py", "--reps", "5"], 900),
 }
 
 

@@ -13,6 +13,13 @@ processes with a hard timeout, and write
                              --filter-solved / --filter-unsolved, rows with pass rate 1 / 0 are left out
     OUT_DIR/summary.json     counts per label, pass-rate histogram, filtered rows, tokens, settings
 
+Rows with images (`--image-field`, default `images`: paths relative to the input file's folder, or
+absolute; a vision-language model such as `tiny-vl`) are checked before the engine starts (each image
+must decode, and the prompt's `<image>` marks, if any, must be as many), prompted with the model's
+image placeholders (`thinkrl.chat.row_prompt_ids`) and sampled with the images as vLLM multi-modal
+data. Their labelled copies hold the images' absolute paths, so that `labelled.jsonl` can live in
+another folder. Text rows are unchanged.
+
 A curriculum reads the `pass_rate` of such rows (`sampler.difficulty_source=pass_rate`, or `auto` when
 the rows have no `difficulty` field) with the same bins, so label and level always agree.
 
@@ -49,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rl.label",
                                 description="label a dataset with its pass rate under a model and a difficulty label")
     p.add_argument("input", help="JSONL dataset with a prompt and an answer per row")
-    p.add_argument("--model", required=True, help="'tiny-dense', 'tiny-moe' or a local Hugging Face folder")
+    p.add_argument("--model", required=True,
+                   help="'tiny-dense', 'tiny-moe', 'tiny-vl' or a local Hugging Face folder")
     p.add_argument("-o", "--output-dir", required=True, help="where labelled.jsonl, summary.json and progress go")
     p.add_argument("--samples", type=int, default=8, help="responses sampled per prompt (default 8)")
     p.add_argument("--max-tokens", type=int, default=1024, help="response budget per sample (default 1024)")
@@ -58,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--answer-field", default="answer")
+    p.add_argument("--image-field", default="images",
+                   help="field with a row's image paths, relative to the input file's folder or absolute (default "
+                        "images; rows without it are text)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--filter-solved", action="store_true", help="leave out rows every sample solved (pass rate 1)")
     p.add_argument("--filter-unsolved", action="store_true", help="leave out rows no sample solved (pass rate 0)")
@@ -85,21 +96,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def read_rows(path: Path, prompt_field: str, answer_field: str) -> list[dict]:
-    """Every row of a JSONL file; raises DataError listing each bad line (number and field), up to 20."""
+def read_rows(path: Path, prompt_field: str, answer_field: str, image_field: str = "images") -> list[dict]:
+    """Every row of a JSONL file, a row with images holding them in `image_field` as absolute paths.
+
+    Raises DataError listing each bad line (number and field), up to 20, or naming the first bad image
+    (file:row, field and index: missing, unreadable, or not as many as the prompt's `<image>` marks).
+    """
     from thinkrl.fileio import DataError, read_jsonl
+    from thinkrl.vl.inputs import resolve_images
 
     try:
-        return read_jsonl(path, (prompt_field, answer_field), list_errors=20)
+        rows = read_jsonl(path, (prompt_field, answer_field), list_errors=20)
     except DataError as e:
         raise DataError(f"{e} (nothing labelled)") from None
+    for index, row in enumerate(rows, start=1):
+        try:
+            images = resolve_images(row, image_field, path.parent, f"{path}:{index}", prompt_field)
+        except ValueError as e:
+            raise DataError(f"{e} (nothing labelled)") from None
+        if images:
+            row[image_field] = images
+    return rows
+
+
+def prompt_lengths(model_path: Path, rows: list[dict], prompts: list[list[int]], image_field: str) -> list[int]:
+    """Each prompt's length as the engine runs it: an image placeholder counts as that image's tokens
+    (the model's processor, `thinkrl.vl.inputs.VisionInputs`, runs on each image once). Raises
+    ValueError if rows have images and the model takes none."""
+    with_images = [i for i, row in enumerate(rows) if row.get(image_field)]
+    if not with_images:
+        return [len(p) for p in prompts]
+    from thinkrl.vl import is_vl
+    from thinkrl.vl.inputs import VisionInputs
+
+    if not is_vl(model_path):
+        raise ValueError(f"{len(with_images)} row(s) have images (first: row {with_images[0] + 1}, field "
+                         f"{image_field!r}), but {model_path} is not a vision-language model")
+    vision = VisionInputs(model_path)
+    return [len(vision.expand(p, row_images(row, image_field))) for row, p in zip(rows, prompts, strict=True)]
+
+
+def row_images(row: dict, image_field: str) -> list[bytes]:
+    """The encoded images of a row `read_rows` returned (none for a text row)."""
+    return [Path(p).read_bytes() for p in row.get(image_field) or []]
 
 
 def fingerprint(args: argparse.Namespace, model_path: Path) -> dict:
     """What must not change between a run and its resumption."""
     digest = hashlib.sha256(Path(args.input).read_bytes()).hexdigest()
     keys = ("samples", "max_tokens", "temperature", "top_p", "seed", "prompt_field", "answer_field",
-            "system_prompt", "reward")
+            "image_field", "system_prompt", "reward")
     return {"input_sha256": digest, "model": str(model_path), **{k: getattr(args, k) for k in keys}}
 
 
@@ -131,16 +177,17 @@ class Labeller:
     def label(self, rows: list[dict], prompts: list[list[int]], first: int) -> tuple[list[dict], dict]:
         """Labelled copies of `rows` (rows `first`, `first + 1`, ... of the input) and the chunk's counts."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         from rewards.types import RewardInput
+        from rollout.engine import token_prompts
         from samplers.difficulty import pass_rate_bin
 
         a = self.args
         params = [SamplingParams(n=a.samples, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
                                  seed=None if self.is_cpu else a.seed * 10**9 + first + j)
                   for j in range(len(rows))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        images = [row_images(row, a.image_field) for row in rows]
+        outputs = self.llm.generate(token_prompts(prompts, images), params, use_tqdm=False)
         fields = (a.prompt_field, a.answer_field)
         groups = [[RewardInput(str(row[a.prompt_field]), c.text, str(row[a.answer_field]), len(c.token_ids),
                                {k: v for k, v in row.items() if k not in fields}) for c in out.outputs]
@@ -200,45 +247,51 @@ def assemble(out_dir: Path, args: argparse.Namespace, chunks: ChunkedOutput) -> 
     return summary
 
 
-def prepare(args: argparse.Namespace) -> tuple[list[dict], list[list[int]], Path, ChunkedOutput]:
-    """Validate everything before the engine starts: reward, rows, model, earlier progress, prompt lengths.
+def prepare(args: argparse.Namespace) -> tuple[list[dict], list[list[int]], Path, ChunkedOutput, int]:
+    """Validate everything before the engine starts: reward, rows and images, model, earlier progress,
+    prompt lengths.
 
-    Returns the rows, their prompt token ids, the model folder and the chunks. Raises ValueError
-    (DataError for bad rows) with a message to print as it is.
+    Returns the rows, their prompt token ids (one placeholder per image), the model folder, the chunks
+    and the longest prompt as the engine runs it (images expanded). Raises ValueError (DataError for bad
+    rows) with a message to print as it is.
     """
     from rewards.combine import check_correctness_reward
-    from thinkrl.chat import prompt_ids
+    from thinkrl.chat import row_prompt_ids
     from thinkrl.models import load_tokenizer, resolve_model
 
     try:
         check_correctness_reward(args.reward)
     except ValueError as e:
         raise ValueError(f"--reward: {e}") from None
-    rows = read_rows(Path(args.input), args.prompt_field, args.answer_field)
+    rows = read_rows(Path(args.input), args.prompt_field, args.answer_field, args.image_field)
     model_path = resolve_model(args.model, Path(args.cache_dir).expanduser() / "models", seed=args.seed)
     chunks = open_chunks(args, len(rows), model_path)
     if not chunks.todo:
-        return rows, [], model_path, chunks  # all sampled: only the assembly is left
+        return rows, [], model_path, chunks, 0  # all sampled: only the assembly is left
     tokenizer = load_tokenizer(model_path)
-    prompts = [prompt_ids(tokenizer, str(r[args.prompt_field]), args.system_prompt) for r in rows]
+    prompts = [row_prompt_ids(tokenizer, {"prompt": str(r[args.prompt_field]), "images": r.get(args.image_field) or []},
+                              args.system_prompt) for r in rows]
+    lengths = prompt_lengths(model_path, rows, prompts, args.image_field)
     if args.max_model_len:
-        too_long = [i for i, p in enumerate(prompts) if len(p) + args.max_tokens > args.max_model_len]
+        too_long = [i for i, n in enumerate(lengths) if n + args.max_tokens > args.max_model_len]
         if too_long:
             raise ValueError(f"{args.input}: {len(too_long)} prompt(s) leave no room for --max-tokens "
                              f"{args.max_tokens} in --max-model-len {args.max_model_len} (first: row "
-                             f"{too_long[0] + 1}, {len(prompts[too_long[0]])} tokens)")
-    return rows, prompts, model_path, chunks
+                             f"{too_long[0] + 1}, {lengths[too_long[0]]} tokens)")
+    return rows, prompts, model_path, chunks, max(lengths)
 
 
 def run(args: argparse.Namespace, rows: list[dict], prompts: list[list[int]], model_path: Path,
-        chunks: ChunkedOutput, log=print) -> int:
-    """Label the chunks not done yet, then assemble the outputs; returns the exit code."""
+        chunks: ChunkedOutput, max_prompt_len: int, log=print) -> int:
+    """Label the chunks not done yet, then assemble the outputs; returns the exit code.
+
+    `max_prompt_len`: the longest prompt as the engine runs it (`prepare`), for its default context."""
     out_dir = Path(args.output_dir).expanduser()
     todo = chunks.todo
     if todo:
         if chunks.done:
             log(f"[label] resuming: {chunks.completed_rows}/{len(rows)} rows done")
-        labeller = Labeller(args, model_path, max(len(p) for p in prompts))
+        labeller = Labeller(args, model_path, max_prompt_len)
         start, rows_before, stopped = time.time(), chunks.completed_rows, False
         try:
             for n, c in enumerate(todo, start=1):

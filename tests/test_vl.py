@@ -105,6 +105,13 @@ def test_image_tokens_take_the_images_and_gradients_reach_the_tower(tiny_vl, vis
     assert not torch.allclose(embeds[0, 1:5], text[0, 1:5])
     other = model.embed_inputs(ids, vision.batch([[_png((0, 0, 255))]]).pixel_values, batch.grid_hws, batch.row_tokens)
     assert (other[0, 1:5] - embeds[0, 1:5]).abs().max() > 1e-3  # the image is really used
+    # two rows showing the same image: one pass of the tower, the same embeddings as two passes
+    two = torch.cat([ids, ids])
+    shared = vision.batch([[_png()], [_png()]])
+    assert shared.order == [0, 0] and len(shared.grid_hws) == 1
+    once = model.embed_inputs(two, shared.pixel_values, shared.grid_hws, shared.row_tokens, shared.order)
+    twice = model.embed_inputs(two, torch.cat([batch.pixel_values] * 2), batch.grid_hws * 2, shared.row_tokens)
+    assert torch.equal(once, twice) and torch.equal(once[0], embeds[0])
     embeds.sum().backward()
     assert model.vision_tower.patch_embed.proj.weight.grad.abs().sum() > 0
     assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
@@ -215,6 +222,8 @@ def test_sft_rows_with_images_expand_mask_and_pack(tiny_vl, vision, tmp_path):
         assert int((row == vision.token_id).sum()) == 4 * len(images)  # an example's image stays in its row
     assert sorted(packed.images) == sorted([red, blue])
     assert [b.images for b in split_rows(padded_batch(examples, tok.pad_token_id), 3)] == [[red], [], [blue]]
+    shared = vision.batch([[red], [blue], [red]])  # the k samples of a prompt: one pass of the tower per image
+    assert len(shared.grid_hws) == 2 and shared.order == [0, 1, 0] and shared.row_tokens == [4, 4, 4]
     with pytest.raises(DataError, match=r"sft\.jsonl:1: 1 <image> marks in the user turns for 2 images"):
         encode_rows(tok, [{"messages": convo, "images": ["red.png", "blue.png"]}], source, 512, vision=vision)
     with pytest.raises(DataError, match=r"sft\.jsonl:1: field 'images'\[0\]: image file .*nope\.png.* not found"):

@@ -198,4 +198,11 @@ def load_causal_lm(path: str | Path, dtype: str = "float32"):
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    from thinkrl.vl import is_vl
+
+    if is_vl(path):
+        from thinkrl.vl.kimi_vl import register
+
+        register()
+
     return AutoTokenizer.from_pretrained(str(path))

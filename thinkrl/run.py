@@ -53,6 +53,7 @@ class DataConfig(Strict):
     max_ops: int = Field(5, ge=1, le=10)
     min_count: int = Field(1, ge=1, le=8, description="shapes: fewest squares to count")
     max_count: int = Field(6, ge=1, le=8, description="shapes: most squares to count")
+    max_distractors: int = Field(0, ge=0, le=6, description="shapes: up to this many squares of other colours")
 
     @model_validator(mode="after")
     def _files_given(self):
@@ -101,7 +102,8 @@ def load_prompts(data: DataConfig, seed: int, data_dir: Path) -> tuple[list[dict
             heldout = arithmetic.make_rows(data.n_heldout, seed=seed + 1, **ranges)
             train = arithmetic.make_rows(data.n_train, seed=seed, exclude={r["prompt"] for r in heldout}, **ranges)
         else:
-            ranges = dict(image_dir=data_dir / "images", min_count=data.min_count, max_count=data.max_count)
+            ranges = dict(image_dir=data_dir / "images", min_count=data.min_count, max_count=data.max_count,
+                          max_distractors=data.max_distractors)
             heldout = shapes.make_rows(data.n_heldout, seed=seed + 1, **ranges)
             train = shapes.make_rows(data.n_train, seed=seed, exclude={shapes.row_key(r) for r in heldout}, **ranges)
         write_jsonl(data_dir / "train.jsonl", train)

@@ -303,7 +303,8 @@ def token_logprobs(module, input_ids_B_T: torch.Tensor, attention_mask_B_T: torc
         if images is None:  # a text batch: a placeholder the policy generated is text
             embeds = module.embed_inputs(input_ids_B_T, None, [], [0] * input_ids_B_T.shape[0])
         else:
-            embeds = module.embed_inputs(input_ids_B_T, images.pixel_values.to(device), images.grid_hws, images.row_tokens)
+            embeds = module.embed_inputs(input_ids_B_T, images.pixel_values.to(device), images.grid_hws, images.row_tokens,
+                                         images.order)
         inputs = {"inputs_embeds": embeds}
     if position_ids_B_T is None:
         hidden_B_T_H = decoder(**inputs, attention_mask=attention_mask_B_T).last_hidden_state

@@ -129,13 +129,15 @@ def decode(data: bytes):
 
 @dataclass
 class ImageBatch:
-    """Pixel inputs of a batch's images, in placeholder order: patches [N, 3, p, p], each image's grid, and
-    each row's image-token count (its first that many placeholder tokens are images: a placeholder token
-    the policy *generated* is text, as vLLM embeds it)."""
+    """Pixel inputs of a batch's images: the patches [N, 3, p, p] and grids of its *distinct* images, which
+    distinct image each placeholder-ordered image is (`order`: the k samples of a prompt share one pass of
+    the vision tower, as vLLM's encoder cache shares it), and each row's image-token count (its first that
+    many placeholder tokens are images: a placeholder token the policy *generated* is text, as vLLM embeds it)."""
 
     pixel_values: object  # torch.Tensor
     grid_hws: list[tuple[int, int]]
     row_tokens: list[int]
+    order: list[int]
 
 
 class VisionInputs:
@@ -189,6 +191,8 @@ class VisionInputs:
         images = [d for row in row_images for d in row]
         if not images:
             return None
-        done = [self._processed(d) for d in images]
+        distinct: dict[bytes, int] = {}
+        order = [distinct.setdefault(d, len(distinct)) for d in images]
+        done = [self._processed(d) for d in distinct]
         return ImageBatch(torch.cat([d[0] for d in done]), [d[1] for d in done],
-                          [sum(self.num_tokens(d) for d in row) for row in row_images])
+                          [sum(self.num_tokens(d) for d in row) for row in row_images], order)

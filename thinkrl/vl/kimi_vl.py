@@ -218,17 +218,22 @@ class KimiVLForConditionalGeneration(PreTrainedModel):
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
 
-    def image_features(self, pixel_values: torch.Tensor, grid_hws: list[tuple[int, int]]) -> torch.Tensor:
-        """The language-model embeddings of the images' tokens, in order, [tokens, H]."""
+    def image_features(self, pixel_values: torch.Tensor, grid_hws: list[tuple[int, int]],
+                       order: list[int] | None = None) -> torch.Tensor:
+        """The language-model embeddings of the images' tokens, [tokens, H]: of the images in order, or of
+        `order`'s (indices into them; an image used several times is computed once)."""
         merged = self.vision_tower(pixel_values.to(self.vision_tower.patch_embed.proj.weight.dtype), grid_hws)
-        return self.multi_modal_projector(torch.cat(merged))
+        per_image = self.multi_modal_projector(torch.cat(merged)).split([len(m) for m in merged])
+        return torch.cat([per_image[i] for i in (order if order is not None else range(len(per_image)))])
 
     def embed_inputs(self, input_ids_B_T: torch.Tensor, pixel_values: torch.Tensor | None,
-                     grid_hws: list[tuple[int, int]], row_tokens: list[int] | None = None) -> torch.Tensor:
+                     grid_hws: list[tuple[int, int]], row_tokens: list[int] | None = None,
+                     order: list[int] | None = None) -> torch.Tensor:
         """Token embeddings with the image tokens' features in place of `<|media_pad|>`, row-major.
 
         `row_tokens`: image tokens of each row; a row's first that many placeholders are its images, any
         later one was generated and stays text (as vLLM embeds it). None: every placeholder is an image.
+        `order`: which of the given (distinct) images each placeholder-ordered image is (None: in order).
         Raises ValueError when the placeholders and the images' tokens differ in number.
         """
         embeds = self.get_input_embeddings()(input_ids_B_T)
@@ -240,7 +245,14 @@ class KimiVLForConditionalGeneration(PreTrainedModel):
             if row_tokens is None and slots.any():
                 raise ValueError(f"{int(slots.sum())} image placeholder tokens but no image")
             return embeds
-        features = self.image_features(pixel_values, grid_hws).to(embeds.dtype)
+        features = self.image_features(pixel_values, grid_hws, order).to(embeds.dtype)
         if int(slots.sum()) != features.shape[0]:
             raise ValueError(f"{int(slots.sum())} image placeholder tokens for {features.shape[0]} image tokens")
         return embeds.masked_scatter(slots[..., None], features)
+
+
+def register() -> None:
+    """Make transformers' Auto classes know `kimi_vl` (AutoTokenizer reads a folder's config first)."""
+    from transformers import AutoConfig
+
+    AutoConfig.register("kimi_vl", KimiVLConfig, exist_ok=True)
