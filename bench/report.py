@@ -428,8 +428,8 @@ def section_vl(out: list[str], status: dict) -> None:
                "encoder cache (keyed by the image's content) serves a prompt's n samples from one pass of the "
                "tower; thinkrl adds the Ray round trip (with the "
                "image bytes) and its conversion of the outputs, and saves vLLM's incremental detokenization. In "
-               "the trainer the tower runs on every sample's copy of its prompt's image (k times per image per "
-               "forward pass: each row's features carry their own gradient), and its backward is not timed "
+               "the trainer the tower runs once per distinct image of a micro-batch (a prompt's samples share the "
+               "pass, the features feeding each row), and its backward is not timed "
                "apart: the first row of the share table holds it, with the scatter into the embeddings. The "
                "in-process trainer does not pay the Ray hop that ships the samples to a trainer actor.\n")
 

@@ -34,7 +34,7 @@ def _user_data(root: Path) -> dict[str, Path]:
         name = Path(row["images"][0]).name
         shutil.copyfile(row["images"][0], root / "img" / name)
         row["images"] = [f"img/{name}"]
-    text = {"prompt": "7+5-3=?", "answer": "9"}
+    text = {"prompt": "7+5-3=?", "answer": "9", "difficulty": 2}
     files = {"train": root / "train.jsonl", "heldout": root / "heldout.jsonl", "sft": root / "sft.jsonl"}
     files["train"].write_text("".join(json.dumps(r) + "\n" for r in [*rows[:6], text]))
     files["heldout"].write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
