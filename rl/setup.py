@@ -103,7 +103,7 @@ def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_s
     if probe_images:
         check_image_expansion(trainers, engines, probe_prompt, probe_images)
     probe_ids = probe_prompt + tok("<think>Plan: check.</think>\\boxed{0}", add_special_tokens=False)["input_ids"]
-    # kernels differ between engine and trainer: ~1e-6 per token for the dense float32 model on CPU, ~7e-3 for the MoE
+    # kernels differ between engine and trainer: ~1e-6 per token for the dense float32 model on CPU, ~1e-7 for the MoE
     baseline = probe_gap(trainers, engines, probe_ids, len(probe_prompt), probe_images)
     probe = Probe(probe_ids, len(probe_prompt), baseline, rl.probe_tolerance, probe_images)
     check_old_logprobs(rl.old_logprobs, probe.baseline, rl.probe_tolerance)

@@ -70,7 +70,7 @@ class Probe:
 
     ids: list[int]
     prompt_len: int
-    baseline: float  # start-up gap: ~1e-6 for the dense float32 model on CPU, ~7e-3 for the MoE
+    baseline: float  # start-up gap: ~1e-6 for the dense float32 model on CPU, ~1e-7 for the MoE and tiny-vl
     tolerance: float
     images: list[bytes] | None = None  # the probe prompt's images: the vision path is checked after each sync too
 
