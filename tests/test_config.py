@@ -85,3 +85,15 @@ def test_packages_import_in_one_direction():
                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
                 found += [f"{path.relative_to(root)} imports {n}" for n in names if n.split(".")[0] in banned]
     assert found == []
+
+
+def test_tiny_vl_recipe_loads_and_prepares_its_visual_task(tmp_path):
+    """recipes/tiny-vl.yaml (the visual demo) with tiny overrides: the shapes task on the tiny Kimi-VL."""
+    from thinkrl.run import load_prompts
+
+    recipe = load_recipe(Recipe, Path(__file__).parent.parent / "recipes" / "tiny-vl.yaml",
+                         ["data.n_train=8", "data.n_heldout=4", "rl.iterations=1", f"run.output_dir={tmp_path}"])
+    assert recipe.model.name_or_path == "tiny-vl" and recipe.data.task == "shapes"
+    assert recipe.sampler.kind == "prioritized" and recipe.rl.old_logprobs == "rollout"
+    train, heldout = load_prompts(recipe.data, recipe.run.seed, tmp_path / "data")
+    assert len(train) == 8 and len(heldout) == 4 and all(len(r["images"]) == 1 for r in train + heldout)
