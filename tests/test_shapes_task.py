@@ -62,18 +62,18 @@ def test_solve_image_recovers_the_answer(rows):
 
 
 @pytest.mark.parametrize("size", [56, 84])
-def test_layouts_respect_token_cells_and_are_read_back_exactly(size):
+def test_layouts_keep_one_square_per_patch_and_are_read_back_exactly(size):
     rng = random.Random(size)
-    half = size // 2
     for _ in range(100):
         problem = shapes.sample_problem(rng, rng.randint(1, 6), rng.randint(0, 4), size)
+        patches = set()
         for s in problem.squares:
             assert shapes.MIN_SIDE <= s.side <= shapes.MAX_SIDE
-            for start in (s.x, s.y):
+            for start in (s.x, s.y):  # inside one 14 px patch, 1 px off its edges: never on a token line
                 end = start + s.side - 1
-                assert 0 < start and end < size - 1
-                for line in {*range(28, size, 28), half}:  # never crosses nor touches a 28 px or middle line
-                    assert end < line - 1 or start > line
+                assert start // 14 == end // 14 and start % 14 >= 1 and end % 14 <= 12
+            patches.add((s.x // 14, s.y // 14))
+        assert len(patches) == len(problem.squares)
         for i, a in enumerate(problem.squares):
             for b in problem.squares[i + 1:]:
                 assert shapes._apart(a, b)
@@ -93,8 +93,9 @@ def test_teacher_without_slips_is_always_right_and_shows_the_moves(rows):
         colour = shapes.parse_colour(r["prompt"])
         text = shapes.teacher_solution(shapes.solve_image(r["images"][0], colour), colour, rng, slip_rate=0.0)
         assert _correct(text, r["answer"]) and text.endswith("</think>\\boxed{" + r["answer"] + "}")
-        assert text.startswith(f"<think>Plan: count {colour}") and "Check:" in text and "Wait" not in text
-        assert [line.split()[0] for line in text.splitlines()[1:5]] == list(shapes.QUADRANTS)
+        assert text.startswith(f"<think>Glance: {r['answer']}.\nPlan: count {colour}")
+        assert "Check:" in text and "Wait" not in text
+        assert [line.split()[0] for line in text.splitlines()[2:6]] == list(shapes.QUADRANTS)
 
 
 def _p_correct(counts, slip_rate, fix_rate):
@@ -126,13 +127,13 @@ def test_teacher_slips_at_the_stated_rate(rows):
 
 
 def test_solution_length_stays_short(rows):
-    # one character per token for the tiny byte-level model: ~120 for the hardest clean solution
+    # one character per token for the tiny byte-level model: ~135 for the hardest clean solution
     rng = random.Random(2)
     for r in rows:
         colour = shapes.parse_colour(r["prompt"])
         counts = shapes.solve_image(r["images"][0], colour)
         clean = shapes.teacher_solution(counts, colour, rng, slip_rate=0.0)
-        assert len(clean) <= 124
+        assert len(clean) <= 138
         for _ in range(5):
             text = shapes.teacher_solution(counts, colour, rng, slip_rate=0.5, fix_rate=0.5)
             assert len(text) <= len(clean) + 20 * text.count("Wait,")
@@ -155,3 +156,8 @@ def test_shapes_teacher_names_a_prompt_without_an_image():
     prompt = [{"role": "user", "content": "How many red squares are there?", "raw_question": "How many red squares?"}]
     with pytest.raises(ValueError, match="prompt 0: no image part"):
         shapes.ShapesTeacher().sample([prompt], k=1, seed=0)
+
+
+def test_more_squares_than_patches_is_refused():
+    with pytest.raises(ValueError, match="one per 14 px patch, 16 patches"):
+        shapes.sample_problem(random.Random(0), 12, 5, 56)

@@ -1,24 +1,30 @@
 """The embedded visual task: count the squares of one colour in a tiny image, with a long-CoT teacher.
 
 A problem is a 56x56 RGB image (drawn offline with PIL) on a plain white or light-gray background,
-holding a few filled axis-aligned squares (5-8 px) in clearly distinct colours, and the question
+holding a few filled axis-aligned squares (6-12 px) in clearly distinct colours, and the question
 "<image>\\nHow many red squares are there?". Squares of the other colours are distractors. The
 difficulty is the number of target squares (the answer), `min_count..max_count`.
 
 The layout is shaped by the model that learns it: a tiny Kimi-VL cuts the image into 14 px patches and
 merges them 2x2, so the language model sees one token per 28x28 cell, which at 56 px are the four
-quadrants. A square never crosses a 28 px line nor the image's middle lines, and keeps 1 px off them,
-so every square lies wholly inside one image token and one quadrant; squares keep 2 px apart, so no two
-touch. The image `size` may be any multiple of 28 (more cells, still four quadrants).
+quadrants. Each square lies inside its own 14 px patch, 1 px off the patch's edges (so no two touch and
+none crosses a token or quadrant line): a patch holds a square or background, which a 1M-parameter
+vision tower learns to tell in a few hundred steps, while squares anywhere in a 28 px cell it does not
+(DESIGN.md, "Vision-language"). The image `size` may be any multiple of 28 (more cells, still four
+quadrants).
 
 The teacher reads the image itself, with perfect vision: it decodes the PNG (a path, bytes or a data
 URL, as the dataset builder passes it), finds each colour's connected components and counts them per
 quadrant. It then writes the moves the Kimi reports name, short enough for a byte-level tiny model
-(~120 characters): a plan, a scan of the quadrants in a fixed order (TL, TR, BL, BR) with a running
-sum, a "Wait, ..." reflection when it catches a slip, a re-check of the sum, and `\\boxed{}` after
-`</think>`. Like `thinkrl.tasks.arithmetic`, it is imperfect on purpose: each quadrant's count slips by
-one (never below 0) with probability `slip_rate`, and a share `fix_rate` of slips is caught; uncaught
-slips carry into the answer, which RL with a correctness reward then has to unlearn.
+(~140 characters): a glance at the whole image ("Glance: 5."), a plan, a scan of the quadrants in a
+fixed order (TL, TR, BL, BR) with a running sum, a "Wait, ..." reflection when it catches a slip, a
+re-check of the sum, and `\\boxed{}` after `</think>`. The glance comes first because it is what a
+2-layer language model learns to read from the image tokens: one number right after the prompt, all
+four tokens alike (measured: the glance is read from the image after 300 warmup steps, the quadrant
+counts in the middle of the scan are not). Like `thinkrl.tasks.arithmetic`, the teacher is imperfect on
+purpose: each quadrant's count slips by one (never below 0) with probability `slip_rate`, and a share
+`fix_rate` of slips is caught; uncaught slips carry into the answer (the scan's sum), which RL with a
+correctness reward then has to unlearn, e.g. by keeping the scan consistent with the glance.
 
 Train and held-out sets are drawn with different seeds; pass the held-out keys as `exclude` so that no
 image layout is in both: `make_rows(..., exclude={row_key(r) for r in held_out})`.
@@ -47,10 +53,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((255, 255, 255), (232, 232, 232))
 QUADRANTS = ("TL", "TR", "BL", "BR")  # the scan order: top-left, top-right, bottom-left, bottom-right
-TOKEN_PX = 28  # one image token of a tiny Kimi-VL: a 14 px patch merged 2x2
-MIN_SIDE, MAX_SIDE = 5, 8
-MARGIN = 1  # px between a square and a token/quadrant line
-GAP = 2  # px between two squares
+PATCH_PX = 14  # one vision patch of a tiny Kimi-VL; a square lies inside one
+TOKEN_PX = 28  # one image token: patches merged 2x2
+MIN_SIDE, MAX_SIDE = 6, 12
+MARGIN = 1  # px between a square and its patch's edges
+GAP = 2 * MARGIN  # px between two squares, at least
 COLOUR_TOLERANCE = 48  # max per-channel distance of a pixel to a palette colour that still counts as it
 _QUESTION = re.compile(r"How many (\w+) squares")
 
@@ -122,11 +129,9 @@ def quadrant_counts(squares, colour: str, size: int) -> tuple[int, int, int, int
 # ---- generation -----------------------------------------------------------------------------------------
 
 
-def _boxes(size: int) -> list[tuple[int, int, int, int]]:
-    """The (x0, x1, y0, y1) regions a square may lie in: the 28 px token cells, cut by the middle lines."""
-    cuts = sorted({*range(0, size + 1, TOKEN_PX), size // 2})
-    spans = list(pairwise(cuts))
-    return [(x0, x1, y0, y1) for y0, y1 in spans for x0, x1 in spans]
+def _cells(size: int) -> list[tuple[int, int]]:
+    """The top-left corners of the 14 px patches of a `size` px image: the spots a square may take."""
+    return [(x, y) for y in range(0, size, PATCH_PX) for x in range(0, size, PATCH_PX)]
 
 
 def _apart(a: Square, b: Square) -> bool:
@@ -134,21 +139,13 @@ def _apart(a: Square, b: Square) -> bool:
             or a.y >= b.y + b.side + GAP or b.y >= a.y + a.side + GAP)
 
 
-def _place(rng: random.Random, colours: list[str], size: int) -> tuple[Square, ...] | None:
-    """Squares of the given colours at random free spots, or None if one finds no room."""
-    boxes = _boxes(size)
-    placed: list[Square] = []
-    for colour in colours:
-        for _ in range(100):
-            x0, x1, y0, y1 = rng.choice(boxes)
-            side = rng.randint(MIN_SIDE, MAX_SIDE)
-            new = Square(colour, rng.randint(x0 + MARGIN, x1 - MARGIN - side),
-                         rng.randint(y0 + MARGIN, y1 - MARGIN - side), side)
-            if all(_apart(new, s) for s in placed):
-                placed.append(new)
-                break
-        else:
-            return None
+def _place(rng: random.Random, colours: list[str], size: int) -> tuple[Square, ...]:
+    """Squares of the given colours, each in its own random patch, at a random size and offset."""
+    placed = []
+    for colour, (x0, y0) in zip(colours, rng.sample(_cells(size), len(colours)), strict=True):
+        side = rng.randint(MIN_SIDE, MAX_SIDE)
+        placed.append(Square(colour, rng.randint(x0 + MARGIN, x0 + PATCH_PX - MARGIN - side),
+                             rng.randint(y0 + MARGIN, y0 + PATCH_PX - MARGIN - side), side))
     return tuple(sorted(placed, key=lambda s: (s.y, s.x)))
 
 
@@ -157,15 +154,14 @@ def sample_problem(rng: random.Random, count: int, distractors: int, size: int =
 
     Raises ValueError if that many squares do not fit in the image.
     """
+    if count + distractors > len(_cells(size)):
+        raise ValueError(f"cannot place {count + distractors} squares in a {size}x{size} image: one per "
+                         f"{PATCH_PX} px patch, {len(_cells(size))} patches")
     colour = rng.choice(sorted(COLOURS))
     others = sorted(set(COLOURS) - {colour})
     colours = [colour] * count + [rng.choice(others) for _ in range(distractors)]
     background = rng.choice(BACKGROUNDS)
-    for _ in range(100):
-        squares = _place(rng, colours, size)
-        if squares is not None:
-            return Problem(size, background, squares, colour)
-    raise ValueError(f"cannot place {len(colours)} squares of {MIN_SIDE}-{MAX_SIDE} px in a {size}x{size} image")
+    return Problem(size, background, _place(rng, colours, size), colour)
 
 
 def make_rows(n: int, seed: int, image_dir: str | Path, min_count: int = 1, max_count: int = 6,
@@ -298,18 +294,20 @@ def teacher_solution(counts: tuple[int, ...], colour: str, rng: random.Random, s
                      fix_rate: float = 0.5) -> str:
     """A worked long-CoT solution (the assistant message content) from the per-quadrant `counts`.
 
-    Each quadrant's count slips by +-1 (+1 from 0) with probability `slip_rate`; a slip is caught by a
-    "Wait," line and corrected with probability `fix_rate`, otherwise the wrong count carries on.
+    The glance (the true total) comes first, then the scan. Each quadrant's count slips by +-1 (+1
+    from 0) with probability `slip_rate`; a slip is caught by a "Wait," line and corrected with
+    probability `fix_rate`, otherwise the wrong count carries on into the sum and the answer.
 
     >>> print(teacher_solution((2, 0, 1, 3), "red", random.Random(0), slip_rate=0.0))
-    <think>Plan: count red in TL,TR,BL,BR.
+    <think>Glance: 6.
+    Plan: count red in TL,TR,BL,BR.
     TL 2, sum 2
     TR 0, sum 2
     BL 1, sum 3
     BR 3, sum 6
     Check: 2+0+1+3=6.</think>\\boxed{6}
     """
-    lines = [f"Plan: count {colour} in {','.join(QUADRANTS)}."]
+    lines = [f"Glance: {sum(counts)}.", f"Plan: count {colour} in {','.join(QUADRANTS)}."]
     read: list[int] = []
     total = 0
     for name, count in zip(QUADRANTS, counts, strict=True):
