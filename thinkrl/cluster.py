@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 from typing import Any
 
 # Paths never uploaded with a job's working directory.
@@ -61,14 +63,46 @@ def actor_env() -> dict[str, str]:
     return env
 
 
+def stale_local_head(timeout_s: float = 2.0) -> str | None:
+    """The address of the local Ray head that the last `ray start` recorded, if it no longer answers.
+
+    Ray keeps that address in `<RAY_TMPDIR or /tmp>/ray/ray_current_cluster` until `ray stop`. After
+    the head died otherwise (killed, out of memory, the machine rebooted with /tmp kept), `ray.init()`
+    still connects to it and waits minutes on "Failed to connect to GCS". None if no head is recorded
+    or it accepts a connection within `timeout_s`.
+    """
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        address = Path(get_ray_address_file(None)).read_text().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except (OSError, ValueError):
+        return address
+
+
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the running cluster (job submission, RAY_ADDRESS) or start a local one."""
+    """Join the running cluster (job submission, RAY_ADDRESS, the head `ray start` left) or start a local one.
+
+    A local head that `ray start` recorded but which no longer answers is skipped with a warning, and a
+    fresh local cluster starts instead of waiting on the dead one.
+    """
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": "WARNING"}
     if "RAY_ADDRESS" not in os.environ:
+        dead = stale_local_head()
+        if dead is not None:
+            print(f"[ray] the local Ray head recorded at {dead} does not answer (it was stopped without "
+                  "`ray stop`: killed or out of memory); starting a fresh local cluster for this run. "
+                  "`ray stop --force` clears the record.", file=sys.stderr, flush=True)
+            kwargs["address"] = "local"
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
 
