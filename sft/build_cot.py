@@ -44,6 +44,14 @@ the input's folder, or absolute; each checked to decode before any teacher start
 absolute paths) or http(s) / `data:` URLs. The teacher gets them as data URLs in the user message (the
 `vllm` teacher decodes them itself and reads no http(s) URL: nothing is fetched here); the written rows
 keep them in an `images` column.
+
+Local images are read only under one folder, `--image-root` (default: the input's folder): the builder
+sends what it reads to the teacher, so a row naming `/etc/passwd` or `../../.ssh/id_rsa` must not be
+enough to send a secret away. A path whose real path (every symlink resolved) leaves the root is refused
+before any teacher call, with file, row and field; the file is read again when its prompt is sent, by
+the same check (`thinkrl.vl.inputs.read_image_file`), so a file swapped for a symlink after the check is
+refused then. Images of the rows' own bytes (a `datasets` Image cell) are written to, and read from,
+`<output>/images`.
 """
 
 from __future__ import annotations
@@ -64,9 +72,10 @@ from typing import Protocol
 
 from rewards.math import last_braced
 from thinkrl.chunks import ChunkedOutput
-from thinkrl.fileio import DataError, atomic_directory, atomic_write_json, atomic_write_text
+from thinkrl.fileio import DataError, atomic_directory, atomic_write_json, atomic_write_text, text_problem
 
 URL_PREFIXES = ("http://", "https://", "data:")  # image references passed on as they are, not read here
+OWN_IMAGES = "images"  # <output>/images: the rows' image bytes, written here as files
 TEMPLATES = Path(__file__).parent / "templates"
 KEEP_MODES = ("all", "random", "shortest")
 CHUNK_FORMAT = "chunk_{:06d}.json"
@@ -105,49 +114,58 @@ class Question:
 
 def read_questions(path: str | Path, question_field: str = "question", answer_field: str = "answer",
                    answer_format: str = "auto", image_field: str | None = None,
-                   id_field: str = "id", image_dir: str | Path | None = None) -> list[Question]:
+                   id_field: str = "id", image_dir: str | Path | None = None,
+                   image_root: str | Path | None = None) -> list[Question]:
     """Questions of a JSONL / Parquet file or `datasets` folder. Raises DataError naming file, row and field.
 
     With `image_field`, each row's images are checked here, before any teacher starts
     (`thinkrl.vl.inputs.resolve_images`): a local path, relative to the input's folder or absolute, must
-    be a readable image and becomes absolute; image bytes in the row (a `datasets` Image cell) are
+    lie inside `image_root` (default: the input's folder) once every symlink is resolved, must be a
+    readable image, and becomes its real path; image bytes in the row (a `datasets` Image cell) are
     written once to `image_dir`; http(s) and `data:` URLs pass as they are. The question's `<image>`
     marks, if any, must be as many as its images.
     """
-    from sft.data import load_rows
+    from thinkrl.fileio import load_rows_numbered
 
     base_dir = Path(path).expanduser().parent
+    image_root = base_dir if image_root is None else Path(image_root).expanduser()
     out = []
-    for index, row in enumerate(load_rows(path), start=1):
+    for position, (index, row) in enumerate(load_rows_numbered(path)):  # index: the row's line, for errors
         for name in (question_field, answer_field):
             if row.get(name) is None or str(row[name]).strip() == "":
                 raise DataError(f"{path}:{index}: missing or empty field {name!r}")
+        if problem := text_problem(row[question_field]):
+            raise DataError(f"{path}:{index}: field {question_field!r}: {problem}")
         try:
             answer = gold_answer(row[answer_field], answer_format)
         except ValueError as e:
             raise DataError(f"{path}:{index}: field {answer_field!r}: {e}") from None
-        images = (_question_images(row, image_field, base_dir, f"{path}:{index}", question_field, image_dir)
-                  if image_field else [])
-        out.append(Question(str(row.get(id_field, f"q{index - 1}")), str(row[question_field]), answer, images))
+        images = (_question_images(row, image_field, base_dir, f"{path}:{index}", question_field, image_dir,
+                                   image_root) if image_field else [])
+        out.append(Question(str(row.get(id_field, f"q{position}")), str(row[question_field]), answer, images))
     return out
 
 
 def _question_images(row: dict, field: str, base_dir: Path, where: str, question_field: str,
-                     image_dir: str | Path | None) -> list[str]:
+                     image_dir: str | Path | None, image_root: Path) -> list[str]:
     """A row's image references: local ones resolved and checked (`resolve_images`), URLs as they are.
 
     Raises DataError starting with `where` (file:row) and naming the field and the image's index.
     """
     from thinkrl.vl.inputs import IMAGE_MARK, image_list, resolve_images
 
+    try:
+        refs = image_list(row.get(field))
+    except ValueError as e:
+        raise DataError(f"{where}: field {field!r}: {e}") from None
     out = []
-    for i, ref in enumerate(image_list(row.get(field))):
+    for i, ref in enumerate(refs):
         if isinstance(ref, str) and ref.startswith(URL_PREFIXES):
             out.append(ref)
             continue
         try:
             out += resolve_images({field: ref}, field, base_dir, where, "",
-                                  None if image_dir is None else Path(image_dir))
+                                  None if image_dir is None else Path(image_dir), image_root)
         except ValueError as e:  # it numbered the one image it was given 0
             raise DataError(str(e).replace(f"field {field!r}[0]", f"field {field!r}[{i}]", 1)) from None
     marks = str(row[question_field]).count(IMAGE_MARK)
@@ -374,16 +392,28 @@ def select(correct: list[int], lengths: list[int], keep: str, rng: random.Random
 # ---- the builder ----------------------------------------------------------------------------------------
 
 
-def _image_part(ref: str) -> dict:
-    if not ref.startswith(("http://", "https://", "data:")):
+def _image_part(ref: str, roots: tuple[Path, ...] | None) -> dict:
+    """A user-message image part: a URL as it is, a local file as a data URL, read only inside one of
+    `roots` (real paths; None: anywhere) by `read_image_file`. Raises ValueError naming the path."""
+    from thinkrl.vl.inputs import read_image_file
+
+    if not ref.startswith(URL_PREFIXES):
+        # the root it claims to be in; read_image_file checks where it really is
+        root = None if roots is None else next((r for r in roots if Path(ref).is_relative_to(r)), roots[0])
         mime = mimetypes.guess_type(ref)[0] or "image/png"
-        ref = f"data:{mime};base64," + base64.b64encode(Path(ref).read_bytes()).decode()
+        ref = f"data:{mime};base64," + base64.b64encode(read_image_file(Path(ref), root)[1]).decode()
     return {"type": "image_url", "image_url": {"url": ref}}
 
 
-def _prompt(q: Question, system: str, user: str) -> list[dict]:
+def _prompt(q: Question, system: str, user: str, image_roots: tuple[Path, ...] | None = None) -> list[dict]:
+    """The teacher's messages for `q`; its local images read only inside `image_roots` (None: anywhere).
+    Raises DataError naming the question for an image that cannot be read there."""
     text = user.replace("{question}", q.question)
-    content = [*map(_image_part, q.images), {"type": "text", "text": text}] if q.images else text
+    try:
+        images = [_image_part(ref, image_roots) for ref in q.images]
+    except ValueError as e:
+        raise DataError(f"question {q.id!r}: {e}") from None
+    content = [*images, {"type": "text", "text": text}] if q.images else text
     messages = [{"role": "system", "content": system}] if system.strip() else []
     return [*messages, {"role": "user", "content": content, "raw_question": q.question}]
 
@@ -403,8 +433,9 @@ def _verify(reward_set, questions: list[Question], traces: list[list[str]],
 
 
 def _build_chunk(questions: list[Question], first_index: int, teacher: Teacher, reward_set, k: int, keep: str,
-                 seed: int, count_tokens: Callable[[str], int], system: str, user: str) -> dict:
-    traces = teacher.sample([_prompt(q, system, user) for q in questions], k, seed + first_index)
+                 seed: int, count_tokens: Callable[[str], int], system: str, user: str,
+                 image_roots: tuple[Path, ...] | None) -> dict:
+    traces = teacher.sample([_prompt(q, system, user, image_roots) for q in questions], k, seed + first_index)
     if len(traces) != len(questions) or any(len(t) != k for t in traces):
         raise RuntimeError(f"teacher returned {[len(t) for t in traces]} traces, expected {k} per question")
     all_lengths = [[count_tokens(t) for t in texts] for texts in traces]
@@ -442,7 +473,8 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
                   reward_workers: int = 2, reward_timeout_s: float = 10.0, tokenizer=None,
                   system_template: str | Path = TEMPLATES / "system.txt",
                   user_template: str | Path = TEMPLATES / "user.txt", fingerprint: dict | None = None,
-                  progress: bool = True, log: Callable[[str], None] = print, reward_pool=None) -> dict:
+                  progress: bool = True, log: Callable[[str], None] = print, reward_pool=None,
+                  image_root: str | Path | None = None) -> dict:
     """Sample, verify, select and write; returns the stats (also in `<output_dir>/stats.json`).
 
     `reward`: a per-sample reward of the registry (built-in name, entry-point name or `module:attr`) whose
@@ -452,10 +484,15 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
     per-sample reward. `tokenizer` (a HF tokenizer) measures lengths in tokens; without one, lengths are
     characters. `reward_pool`: a running `rewards.pool.RewardPool` to use (and leave open) instead of
     starting one. Final outputs: `data.jsonl`, `dataset/` (`datasets.load_from_disk`), `stats.json`.
+    `image_root`: the questions' local images are read only inside it (or `<output_dir>/images`, where
+    `read_questions` writes a row's image bytes); None reads them where they are (questions built in
+    code). Raises DataError naming the question for an image outside it or no longer readable.
     """
     from rewards.combine import RewardSet
 
     out = Path(output_dir)
+    image_roots = (None if image_root is None else
+                   tuple(Path(os.path.realpath(r)) for r in (Path(image_root).expanduser(), out / OWN_IMAGES)))
     chunks, system, user = _open_output(questions, out, k=k, keep=keep, reward=reward, seed=seed,
                                         chunk_size=chunk_size, system_template=system_template,
                                         user_template=user_template, fingerprint=fingerprint, log=log)
@@ -466,7 +503,8 @@ def build_dataset(questions: list[Question], output_dir: str | Path, teacher: Te
     reward_set = None if reward == "none" else RewardSet([reward], reward_workers, reward_timeout_s, pool=reward_pool)
     try:
         new_questions = _write_chunks(questions, chunks, teacher, reward_set, k=k, keep=keep, seed=seed,
-                                      count_tokens=count_tokens, system=system, user=user, bar=bar)
+                                      count_tokens=count_tokens, system=system, user=user,
+                                      image_roots=image_roots, bar=bar)
     finally:
         if reward_set is not None:
             reward_set.close()
@@ -513,7 +551,7 @@ def _progress_bar(total: int, initial: int):
 
 def _write_chunks(questions: list[Question], chunks: ChunkedOutput, teacher: Teacher, reward_set, *, k: int,
                   keep: str, seed: int, count_tokens: Callable[[str], int], system: str, user: str,
-                  bar=None) -> int:
+                  image_roots: tuple[Path, ...] | None = None, bar=None) -> int:
     """Build each chunk still to do (sample, verify, select: `_build_chunk`) and commit it as its file.
 
     Returns how many questions this run built; `bar` (a tqdm bar or None) advances per chunk.
@@ -522,7 +560,7 @@ def _write_chunks(questions: list[Question], chunks: ChunkedOutput, teacher: Tea
     for i in chunks.todo:
         part = questions[chunks.rows(i)]
         chunk = _build_chunk(part, chunks.rows(i).start, teacher, reward_set, k, keep, seed, count_tokens,
-                             system, user)
+                             system, user, image_roots)
         chunks.write(i, json.dumps(chunk, indent=2, sort_keys=True) + "\n")
         new_questions += len(part)
         if bar:
@@ -595,6 +633,10 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-field", default=None,
                    help="field with the images: local paths (relative to the input's folder, or absolute; checked "
                         "up front), or http(s) / data: URLs (http(s): openai teacher only)")
+    p.add_argument("--image-root", default=None,
+                   help="local images are read only inside this folder (None: the --input file's folder); a path "
+                        "whose real path leaves it (absolute, '..', a symlink at any component) is refused before "
+                        "any teacher call, naming the file, row and field")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     p.add_argument("--teacher", required=True, choices=("vllm", "openai", "arithmetic"))
     p.add_argument("--model", help="vllm: local model folder; openai: the served model's name")
@@ -667,9 +709,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"--reward: {e}")
 
+    image_root = Path(a.image_root or Path(a.input).expanduser().parent)
+    if a.image_root and not image_root.expanduser().is_dir():
+        p.error(f"--image-root {a.image_root}: not a folder")
     try:  # bad rows and images are reported before a teacher engine starts
         questions = read_questions(a.input, a.question_field, a.answer_field, a.answer_format, a.image_field,
-                                   a.id_field, image_dir=Path(a.output) / "images")
+                                   a.id_field, image_dir=Path(a.output) / OWN_IMAGES, image_root=image_root)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -691,8 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         build_dataset(questions, a.output, teacher, k=a.samples, keep=a.keep, reward=a.reward, seed=a.seed,
                       chunk_size=a.chunk_size, reward_workers=a.reward_workers, reward_timeout_s=a.reward_timeout,
                       tokenizer=tokenizer, system_template=a.system_template, user_template=a.user_template,
-                      fingerprint=fingerprint, progress=not a.no_progress)
-    except RewardPluginError as e:  # the reward fails on every trace: stop; a rerun resumes after the fix
+                      fingerprint=fingerprint, progress=not a.no_progress, image_root=image_root)
+    except (RewardPluginError, DataError) as e:
+        # the reward fails on every trace, or an image changed since the check: a rerun resumes after the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thinkrl.chat import EncodedConversation, encode_conversation
-from thinkrl.fileio import DataError, load_rows  # noqa: F401  (load_rows: sft.data's readers live in thinkrl)
+from thinkrl.fileio import DataError, load_rows, text_problem  # noqa: F401  (load_rows: re-exported)
 
 
 @dataclass
@@ -37,6 +37,9 @@ def _row_problem(row: dict, messages_field: str) -> str | None:
     for turn, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or not str(m.get("content") or "").strip():
             return f"{messages_field}[{turn}] needs a 'role' and non-empty 'content'"
+        for key in ("role", "content"):
+            if problem := text_problem(m[key]):
+                return f"{messages_field}[{turn}].{key}: {problem}"
     if not any(m["role"] == "assistant" for m in messages):
         return f"{messages_field}: no assistant turn"
     return None
@@ -86,8 +89,11 @@ def _row_images(row: dict, field: str, base_dir: Path, where: str, vision) -> li
     """The row's images as bytes (checked to decode), or ValueError naming the field."""
     from thinkrl.vl.inputs import image_list, resolve_images
 
-    if not image_list(row.get(field)):
-        return []
+    try:
+        if not image_list(row.get(field)):
+            return []
+    except ValueError as e:
+        raise ValueError(f"field {field!r}: {e}") from None
     if vision is None:
         raise ValueError(f"field {field!r}: images need a vision-language model")
     return [Path(p).read_bytes() for p in resolve_images(row, field, base_dir, where, prompt_field="")]

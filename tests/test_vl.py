@@ -149,7 +149,7 @@ def test_hostile_image_rows_are_named(tmp_path):
     bad({"images": "text.png"}, r"data\.jsonl:3: field 'images'\[0\]: .*text\.png: not a readable image")
     bad({"images": "cut.png"}, r"field 'images'\[0\]: .*cut\.png: not a readable image")
     bad({"images": "empty.png"}, r"field 'images'\[0\]: .*empty\.png: not a readable image")
-    bad({"images": "folder.png"}, r"field 'images'\[0\]: image file .* not found")
+    bad({"images": "folder.png"}, r"field 'images'\[0\]: '.*folder\.png' is not a regular file")
     bad({"images": [42]}, r"field 'images'\[0\]: expected an image path, got 42")
     bad({"images": [{"bytes": b"\x00garbage"}]}, r"field 'images'\[0\]: .*: not a readable image")
     bad({"images": ["ok.png", "ok.png"], "prompt": "<image> only one"}, r"has 1 <image> marks for 2 images")

@@ -66,31 +66,40 @@ class DataError(ValueError):
     """A dataset row or file that cannot be used; the message names the file, row and field."""
 
 
+MAX_ROW_BYTES = 16 * 2**20
+"""The longest JSONL line read (16 MiB): a prompt, answer or long-CoT conversation is far shorter, and a
+line is read whole, so a file that is one endless line would otherwise take all memory."""
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = (), *, list_errors: int = 1) -> list[dict]:
     """Read a JSONL file, checking every row is an object with the `required` non-empty fields.
 
     Raises DataError naming the file, the 1-based line number and the field on the first bad row; with
     `list_errors` N > 1 it reads the whole file and the error counts every bad row and lists the first N.
+    A line is bad when it is not UTF-8, not JSON (truncated, nested too deeply to parse), not an object,
+    lacks a required field, or is longer than `MAX_ROW_BYTES`.
     """
+    return [row for _, row in read_jsonl_numbered(path, required, list_errors=list_errors)]
+
+
+def read_jsonl_numbered(path: str | Path, required: tuple[str, ...] = (), *,
+                        list_errors: int = 1) -> list[tuple[int, dict]]:
+    """`read_jsonl`, each row with its line number (blank lines are skipped, but counted)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     rows, problems = [], []
     with open(path, "rb") as f:  # UTF-8, as every file here is written; decoded line by line to name a bad one
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
+        for lineno, raw in enumerate(_lines(f), start=1):
+            if raw is None:
+                problem = f"{path}:{lineno}: row longer than {MAX_ROW_BYTES} bytes (MAX_ROW_BYTES)"
+            elif not raw.strip():
                 continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                problem = f"{path}:{lineno}: not UTF-8 (byte {e.start})"
-            except json.JSONDecodeError as e:
-                problem = f"{path}:{lineno}: not valid JSON ({e.msg})"
             else:
-                problem = _row_problem(row, required)
+                problem, row = _parse_row(raw, required)
                 problem = problem and f"{path}:{lineno}: {problem}"
             if not problem:
-                rows.append(row)
+                rows.append((lineno, row))
                 continue
             if list_errors <= 1:
                 raise DataError(problem)
@@ -103,6 +112,45 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), *, list_errors:
     return rows
 
 
+def _lines(f) -> Iterator[bytes | None]:
+    """The lines of binary file `f`, None for each longer than MAX_ROW_BYTES (read past, never held)."""
+    while line := f.readline(MAX_ROW_BYTES + 1):
+        if len(line) <= MAX_ROW_BYTES:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = f.readline(MAX_ROW_BYTES + 1)
+        yield None
+
+
+def _parse_row(raw: bytes, required: tuple[str, ...]) -> tuple[str | None, dict | None]:
+    """(problem, row) of one JSONL line: the problem None when it is a good row."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 (byte {e.start})", None
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg})", None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return f"not valid JSON ({e})", None
+    except RecursionError:
+        return "not valid JSON (nested too deeply)", None
+    return _row_problem(row, required), row
+
+
+def text_problem(value) -> str | None:
+    """Why `value` cannot be the text of a row's field (a prompt, a turn's content), or None if it can:
+    it must be a string that encodes as UTF-8 (JSON's `"\\ud800"` escape decodes to one that does not,
+    and tokenizers fail on it)."""
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode (a lone surrogate at character {e.start})"
+    return None
+
+
 def _row_problem(row, required: tuple[str, ...]) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
@@ -113,6 +161,15 @@ def _row_problem(row, required: tuple[str, ...]) -> str | None:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """`atomic_write_text` of `rows`, one JSON object per line."""
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def load_rows_numbered(path: str | Path) -> list[tuple[int, dict]]:
+    """`load_rows`, each row with the number an error should name it by: a JSONL file's line (blank lines
+    are skipped, but counted), else its 1-based index."""
+    path = Path(path).expanduser()
+    if path.is_dir() or path.suffix == ".parquet":
+        return list(enumerate(load_rows(path), start=1))
+    return read_jsonl_numbered(path)
 
 
 def load_rows(path: str | Path) -> list[dict]:
@@ -131,11 +188,15 @@ def load_rows(path: str | Path) -> list[dict]:
             ds = ds["train"]
         rows = ds.to_list()
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not path.is_file():
             raise DataError(f"{path}: dataset file not found")
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     else:
         rows = read_jsonl(path)
     if not rows:

@@ -7,6 +7,7 @@ builds (or finds) the model before any actor starts, so bad input fails in secon
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,10 @@ def prepare_run(run: RunConfig, model: ModelConfig, data: DataConfig) -> Run:
     from thinkrl.models import load_tokenizer, resolve_model
 
     run_dir = Path(run.output_dir).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # the prompts first: a bad data file leaves no run directory behind (a row's image bytes, written
+    # whole under data/images before a later row fails, are the only files it can leave)
     train, heldout = load_prompts(data, run.seed, run_dir / "data")
+    run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("THINKRL_CACHE", run.cache_dir)).expanduser()
     base_model = resolve_model(model.name_or_path, cache / "models", seed=run.seed)
     return Run(run_dir, base_model, load_tokenizer(base_model), train, heldout)
@@ -113,15 +116,20 @@ def load_prompts(data: DataConfig, seed: int, data_dir: Path) -> tuple[list[dict
 
 
 def _file_rows(data: DataConfig, path: Path, image_dir: Path) -> list[dict]:
-    from thinkrl.fileio import DataError, load_rows, read_jsonl
+    from thinkrl.fileio import DataError, load_rows_numbered, text_problem
     from thinkrl.vl.inputs import resolve_images
 
     fields = (data.prompt_field, data.answer_field)
-    rows = read_jsonl(path, required=fields) if path.suffix == ".jsonl" else load_rows(path)
     out = []
-    for index, row in enumerate(rows, start=1):
+    for index, row in load_rows_numbered(path):
         if missing := [k for k in fields if row.get(k) is None or str(row[k]).strip() == ""]:
             raise DataError(f"{path}:{index}: missing or empty field {', '.join(map(repr, missing))}")
+        prompt, answer = row[data.prompt_field], row[data.answer_field]
+        if problem := text_problem(prompt):
+            raise DataError(f"{path}:{index}: field {data.prompt_field!r}: {problem}")
+        if not _is_answer(answer):
+            raise DataError(f"{path}:{index}: field {data.answer_field!r}: expected a string or a finite number, got "
+                            f"{type(answer).__name__} {str(answer)[:40]}")
         try:
             images = resolve_images(row, data.image_field, path.parent, f"{path}:{index}", data.prompt_field, image_dir)
         except ValueError as e:
@@ -129,3 +137,14 @@ def _file_rows(data: DataConfig, path: Path, image_dir: Path) -> list[dict]:
         # the row's own fields first, so a numeric "answer" field still ends up as the string rewards expect
         out.append({**row, "prompt": row[data.prompt_field], "answer": str(row[data.answer_field]), "images": images})
     return out
+
+
+def _is_answer(value) -> bool:
+    """A gold answer: a string, or a finite number (an int or a float, not a boolean, NaN or infinity)."""
+    from thinkrl.fileio import text_problem
+
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return text_problem(value) is None
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))

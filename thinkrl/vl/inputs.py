@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +41,17 @@ def render_prompt(text: str, n_images: int, placeholder: str = KIMI_VL_PLACEHOLD
 
 
 def image_list(value) -> list[str]:
-    """A row's image field as a list of references: one path, a list of paths, or nothing."""
+    """A row's image field as a list of references: one path, a list of paths, or nothing.
+
+    Raises ValueError for anything else (a number, a boolean), naming the value.
+    """
     if value is None:
         return []
     if isinstance(value, (str, dict)):
         return [value]
-    return list(value)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"expected an image path or a list of them, got {_cut(repr(value))}")
 
 
 def check_image(data: bytes) -> tuple[int, int]:
@@ -60,43 +67,104 @@ def check_image(data: bytes) -> tuple[int, int]:
 
 
 def resolve_images(row: dict, field: str, base_dir: Path, where: str, prompt_field: str = "prompt",
-                   image_dir: Path | None = None) -> list[str]:
+                   image_dir: Path | None = None, image_root: Path | None = None) -> list[str]:
     """The row's images as absolute paths, each checked to decode, and their count against the `<image>` marks.
 
     Paths are relative to `base_dir` (the data file's folder) or absolute. An image stored in the row
     itself (a `datasets` Image cell: {"bytes": ..., "path": ...}) is written once to `image_dir` under
-    its content hash. Raises ValueError starting with `where` (file:row) and naming the field.
+    its content hash, once it decodes. With `image_root`, a path whose real path leaves that folder is
+    refused (`read_image_file`). Raises ValueError starting with `where` (file:row) and naming the field.
     """
     from rewards.atomic import atomic_write_bytes
+    from thinkrl.fileio import text_problem
 
+    try:
+        refs = image_list(row.get(field))
+    except ValueError as e:
+        raise ValueError(f"{where}: field {field!r}: {e}") from None
     out = []
-    for i, ref in enumerate(image_list(row.get(field))):
+    for i, ref in enumerate(refs):
         label = f"{where}: field {field!r}[{i}]"
-        if isinstance(ref, dict) and ref.get("bytes") is not None:
+        in_row = isinstance(ref, dict) and ref.get("bytes") is not None
+        if in_row:
+            if not isinstance(ref["bytes"], (bytes, bytearray)):
+                raise ValueError(f"{label}: expected image bytes, got {_cut(repr(ref['bytes']))}")
             data = bytes(ref["bytes"])
             if image_dir is None:
                 raise ValueError(f"{label}: image bytes in the row need a folder to be written to")
             path = image_dir / (hashlib.sha256(data).hexdigest()[:24] + ".img")
-            if not path.exists():
-                atomic_write_bytes(path, data)
         else:
             ref = ref.get("path") if isinstance(ref, dict) else ref
-            if not isinstance(ref, str) or not ref.strip():
-                raise ValueError(f"{label}: expected an image path, got {ref!r}")
+            if not isinstance(ref, str) or not ref.strip() or "\0" in ref or text_problem(ref):
+                raise ValueError(f"{label}: expected an image path, got {_cut(repr(ref))}")
             path = Path(ref).expanduser()
             path = path if path.is_absolute() else base_dir / path
-            if not path.is_file():
-                raise ValueError(f"{label}: image file {str(path)!r} not found")
-            data = path.read_bytes()
+            try:
+                path, data = read_image_file(path, image_root)
+            except ValueError as e:
+                raise ValueError(f"{label}: {e}") from None
         try:
             check_image(data)
         except ValueError as e:
             raise ValueError(f"{label}: {path}: {e}") from None
+        if in_row and not path.exists():  # written only once checked: a bad row leaves no file behind
+            atomic_write_bytes(path, data)
         out.append(str(path.resolve()))
     marks = str(row.get(prompt_field, "")).count(IMAGE_MARK)
     if marks > 0 and marks != len(out):
         raise ValueError(f"{where}: field {prompt_field!r} has {marks} {IMAGE_MARK} marks for {len(out)} images")
     return out
+
+
+def read_image_file(path: Path, root: Path | None = None) -> tuple[Path, bytes]:
+    """(real path, bytes) of the regular file at `path`; with `root`, only if that file lies inside `root`.
+
+    Every symlink, at any component, is resolved (`os.path.realpath`) before the comparison with the
+    real path of `root`, so `..`, an absolute path or a symlink that leads out is refused before the file
+    is opened. The file is then opened by its real path with O_NOFOLLOW (a symlink swapped in for it
+    fails to open) and what was opened is checked once more (where it is, by /proc/self/fd, else that it
+    is the file now at the real path), so a directory swapped for a symlink between the check and the
+    open is refused too. A FIFO or device is refused without being read. Raises ValueError naming the
+    path: outside `root`, not found, not a regular file, or unreadable.
+    """
+    real = Path(os.path.realpath(path))
+    top = None if root is None else Path(os.path.realpath(root))
+    if top is not None and not real.is_relative_to(top):
+        raise ValueError(f"{_cut(str(path))} is outside the image root {top}")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ValueError(f"image file {_cut(str(path))!r} not found") from None
+    except OSError as e:
+        raise ValueError(f"cannot open image file {_cut(str(path))!r} ({e.strerror})") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise ValueError(f"{_cut(str(path))!r} is not a regular file")
+        if top is not None and not _opened_inside(fd, opened, real, top):
+            raise ValueError(f"{_cut(str(path))} is outside the image root {top} (it changed while it was opened)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return real, f.read()
+    finally:
+        os.close(fd)
+
+
+def _opened_inside(fd: int, opened: os.stat_result, real: Path, top: Path) -> bool:
+    """Whether the file open as `fd` is inside `top`: by its /proc/self/fd link on Linux, else by being
+    the very file (device and inode) now at `real`, which `read_image_file` checked is inside."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")).is_relative_to(top)
+    except OSError:
+        try:
+            now = os.stat(real, follow_symlinks=False)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _cut(text: str, limit: int = 160) -> str:
+    """`text` cut to `limit` characters for a message (a hostile row's value may be megabytes)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ImageStore:
