@@ -73,6 +73,8 @@ class RLConfig(Strict):
         False, description="recompute decoder activations in backward (long sequences: memory for ~1/3 more "
         "compute); also the SFT warmup's default")
     checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="RL checkpoints kept (the newest); older ones are deleted "
+                                  "once a newer one is complete")
     probe_tolerance: float = Field(
         1e-3, gt=0, description="max increase of the mean |vLLM - trainer| probe log-prob after a sync over "
         "the gap measured on identical weights at start-up")

@@ -52,7 +52,9 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     log(f"[rl] {recipe.rl.num_trainers} trainer rank(s) and {recipe.rollout.num_engines} vLLM engine(s) ready "
         f"in {wall['startup']:.0f}s")
     start_iter = state.get("iteration", 0)
-    metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None)
+    # the final evaluation is logged at the last iteration's step, after its checkpoint: a run killed
+    # during it evaluates again, so a record of it left from before the kill goes
+    metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None, redone=("eval/accuracy",))
     truncate_jsonl(run.dir / "samples.jsonl", "iteration", start_iter if resume else None)
     heldout = heldout_prompts(recipe, run)
     rc = recipe.reward
@@ -87,7 +89,7 @@ def iterate(recipe: Recipe, loop: Loop, run_dir: Path, state: dict, metrics: Met
             f"{record['time/iteration']:.1f}s")
         if iteration % rl.checkpoint_every == 0 or iteration == rl.iterations:
             state.update(sampler=loop.sampler.state_dict(), rl_wall_seconds=before + time.time() - start)
-            save_checkpoint(run_dir, loop.trainers, iteration, state)
+            save_checkpoint(run_dir, loop.trainers, iteration, state, rl.keep_checkpoints)
     return before + time.time() - start
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sft.config import SFTConfig, TrainerResources
 from thinkrl.fileio import atomic_directory, atomic_write_json
+from thinkrl.metrics import truncate_jsonl
 
 
 def optim_config(sft: SFTConfig, frozen: tuple[str, ...] = ()):
@@ -126,6 +127,8 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     checkpointing = sft.gradient_checkpointing if sft.gradient_checkpointing is not None else gradient_checkpointing
     workers = _start_workers(sft, model_path, seed, num_trainers, zero, gpus_per_trainer, checkpointing, frozen)
     start_step = _resume(workers, state_root, log)
+    if metrics_file:  # what was logged after the state it resumes from is logged again
+        truncate_jsonl(Path(metrics_file), "step", start_step or None)
     per_rank = max(sft.micro_batches, sft.batch_size // num_trainers)
     progress, step, offset = _Progress(time.time(), []), start_step, 0
     for stage, (stage_steps, max_len, chosen) in enumerate(stages, 1):

@@ -88,9 +88,11 @@ def test_metrics_have_the_loop_and_the_sync_check(finished_run):
         assert r["optim/steps"] == 2 and r["optim/micro_batches_per_step"] >= 3
 
 
-def test_sampler_state_is_in_every_checkpoint(finished_run):
+def test_sampler_state_is_in_every_checkpoint_and_old_ones_are_pruned(finished_run):
     run_dir, _, _ = finished_run
-    for n in (1, 2, 3):
+    kept = sorted(p.name for p in (run_dir / "checkpoints" / "rl").iterdir())
+    assert kept == ["iter_000002", "iter_000003", "latest.json"]  # rl.keep_checkpoints: 2
+    for n in (2, 3):
         state = json.loads((run_dir / "checkpoints" / "rl" / f"iter_{n:06d}" / "state.json").read_text())
         assert state["sampler"]["kind"] == "curriculum+prioritized"
 

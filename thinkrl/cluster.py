@@ -85,18 +85,25 @@ def stale_local_head(timeout_s: float = 2.0) -> str | None:
         return address
 
 
+_REAPER_PIPE: list[int] = []  # the write end of the watchdog's pipe (thinkrl.reaper), held for the life of the driver
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the running cluster (job submission, RAY_ADDRESS, the head `ray start` left) or start a local one.
 
     A local head that `ray start` recorded but which no longer answers is skipped with a warning, and a
-    fresh local cluster starts instead of waiting on the dead one.
+    fresh local cluster starts instead of waiting on the dead one. A local cluster this driver starts
+    dies with it, however it dies (a watchdog, `thinkrl.reaper`, takes its processes down).
     """
     import ray
+    from ray._common.utils import get_ray_address_file
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": "WARNING"}
-    if "RAY_ADDRESS" not in os.environ:
+    address = os.environ.get("RAY_ADDRESS")
+    starts_local = address == "local"
+    if address is None:
         dead = stale_local_head()
         if dead is not None:
             print(f"[ray] the local Ray head recorded at {dead} does not answer (it was stopped without "
@@ -104,6 +111,11 @@ def init_ray(num_cpus: int | None = None) -> None:
                   "`ray stop --force` clears the record.", file=sys.stderr, flush=True)
             kwargs["address"] = "local"
         kwargs["num_cpus"] = num_cpus
+        starts_local = dead is not None or not Path(get_ray_address_file(None)).exists()
+    if starts_local and not _REAPER_PIPE:
+        from thinkrl import reaper
+
+        _REAPER_PIPE.append(reaper.start())
     ray.init(**kwargs)
 
 

@@ -3,50 +3,81 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 
 class MetricsLogger:
     """Append one record per step to `metrics.jsonl` and TensorBoard; resumable.
 
-    On resume, records past `resume_step` (written after the checkpoint the run resumes from) are
-    dropped, so the file holds each step once.
+    On resume from `resume_step`, records past it (written after the checkpoint the run resumes from)
+    are dropped, and so are records at `resume_step` itself holding a key of `redone` (work after the
+    checkpoint that the resumed run does again, e.g. the final evaluation): the file holds each step
+    once. TensorBoard gets the same cut: events from `resume_step` on are purged (`purge_step`) and the
+    kept records of `resume_step` are written again. A fresh run (`resume_step` None) starts both empty.
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None, key: str = "iteration") -> None:
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, key: str = "iteration",
+                 redone: tuple[str, ...] = ()) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.key = key
-        truncate_jsonl(self.path, key, resume_step)
+        truncate_jsonl(self.path, key, resume_step, redone)
         self._tb = None
+        tb_dir = Path(run_dir) / "tensorboard"
+        if resume_step is None:
+            shutil.rmtree(tb_dir, ignore_errors=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(tb_dir), purge_step=resume_step)
         except ImportError:  # tensorboard is a dependency; a broken install should not stop a run
-            pass
+            return
+        for record in self.records():
+            if record[key] == resume_step:
+                self._scalars(record)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {self.key: step, **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(name, value, step)
-            self._tb.flush()
+        self._scalars(record)
+
+    def _scalars(self, record: dict) -> None:
+        if self._tb is None:
+            return
+        for name, value in record.items():
+            if name != self.key and isinstance(value, (int, float)):
+                self._tb.add_scalar(name, value, record[self.key])
+        self._tb.flush()
 
     def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl_records(self.path)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def truncate_jsonl(path: Path, key: str, last_step: int | None) -> None:
-    """Keep only the records of `path` with `key` <= `last_step` (all gone if None), atomically."""
+def read_jsonl_records(path: Path) -> list[dict]:
+    """The records of an append-only JSONL log; a last line torn by a kill mid-append is left out."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON record (only the last line may be torn)") from None
+    return records
+
+
+def truncate_jsonl(path: Path, key: str, last_step: int | None, redone: tuple[str, ...] = ()) -> None:
+    """Keep only the records of `path` with `key` <= `last_step` (all gone if None), atomically.
+
+    Records at `last_step` holding any key in `redone` go too, and so does a torn last line.
+    """
     from thinkrl.fileio import atomic_write_text
 
     if not path.exists():
@@ -54,8 +85,9 @@ def truncate_jsonl(path: Path, key: str, last_step: int | None) -> None:
     if last_step is None:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get(key, -1) <= last_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [r for r in read_jsonl_records(path)
+            if r.get(key, -1) < last_step or (r.get(key) == last_step and not any(k in r for k in redone))]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_curves(records: list[dict], out_png: str | Path, x: str, panels: dict[str, list[str]]) -> None:

@@ -112,6 +112,9 @@ class TrainEngine:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size = dist.rank, dist.world_size
         self.model_path = Path(model_path)
+        # read now: the folder may be gone when a checkpoint is written (an RL run resumed from a
+        # checkpoint that rl.keep_checkpoints has since pruned)
+        self.processor_files = processor_files(self.model_path)
         self.dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         model = load_causal_lm(model_path, self.dtype)
         if dist.gradient_checkpointing:
@@ -221,7 +224,9 @@ class TrainEngine:
         if self.rank == 0:
             self.engine.module.save_pretrained(out_dir, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
-            copy_processor_files(self.model_path, Path(out_dir))
+            for name, data in self.processor_files.items():
+                if not (Path(out_dir) / name).exists():
+                    (Path(out_dir) / name).write_bytes(data)
 
     def save_state(self, out_dir: str | Path) -> None:
         """Resumable training state (weights, optimizer, scheduler) into `out_dir` (every rank)."""
@@ -234,15 +239,11 @@ class TrainEngine:
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-def copy_processor_files(source: Path, out_dir: Path) -> None:
-    """A vision-language folder's processor (its configs and remote code) into a checkpoint of it, so the
-    checkpoint loads in vLLM and transformers like the folder it was trained from."""
-    import shutil
-
-    for path in source.iterdir():
-        if path.name in PROCESSOR_FILES or (path.suffix == ".py" and path.name.startswith(("processing_", "image_processing_"))):
-            if not (out_dir / path.name).exists():
-                shutil.copyfile(path, out_dir / path.name)
+def processor_files(source: Path) -> dict[str, bytes]:
+    """A vision-language folder's processor (its configs and remote code), by file name: what a checkpoint
+    of it needs besides the weights and tokenizer to load in vLLM and transformers like that folder."""
+    return {path.name: path.read_bytes() for path in sorted(source.iterdir())
+            if path.name in PROCESSOR_FILES or (path.suffix == ".py" and path.name.startswith(("processing_", "image_processing_")))}
 
 
 def enable_gradient_checkpointing(model) -> None:
