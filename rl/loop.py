@@ -24,6 +24,7 @@ from rl.sync import Probe, sync_weights
 if TYPE_CHECKING:
     from rewards.combine import RewardSet
     from rl.config import Recipe
+    from rl.recovery import EngineRestarts
     from rl.trainer import PMDSettings, Sample
     from rollout.engine import Completion, RolloutSettings
     from samplers import Sampler
@@ -79,6 +80,13 @@ class Loop:
     sync_file: Path
     samples_file: Path
     images: ImageStore  # the rows' image bytes, read when a prompt is sampled
+    restarts: EngineRestarts | None = None  # replaces engines that die (rl.recovery); None: a dead engine ends the run
+
+    def with_engines(self, step, what: str, before_retry=None):
+        """`step()`, redone with a fresh engine in place of one that dies during it (if `restarts` is set)."""
+        if self.restarts is None:
+            return step()
+        return self.restarts.run(self.engines, step, what, before_retry)
 
 
 @dataclass
@@ -94,16 +102,19 @@ class Scored:
 def run_iteration(loop: Loop, iteration: int) -> dict:
     """One PMD iteration; returns its metrics record."""
     times: dict[str, float] = {}
+    sampler_state = json.loads(json.dumps(loop.sampler.state_dict()))  # a roll-out redone after an engine died draws the same prompts
     with _timed(times, "rollout"):
-        batch, groups = roll_out(loop, iteration)
+        batch, groups = loop.with_engines(lambda: roll_out(loop, iteration), "roll-out",
+                                          lambda: loop.sampler.load_state_dict(sampler_state))
     with _timed(times, "reward"):
         scored = score(loop, batch, groups, iteration)
     with _timed(times, "update"):
         samples, group_ids, kept = make_samples(loop, scored)
         stats = update_policy(loop.trainers, samples, group_ids, loop.settings, iteration)
-    times["time/weight_sync"] = sync_weights(loop.trainers, loop.engines, loop.sync_file)
+    times["time/weight_sync"] = loop.with_engines(lambda: sync_weights(loop.trainers, loop.engines, loop.sync_file),
+                                                  "weight sync")
     with _timed(times, "probe"):
-        gap = loop.probe.check(loop.trainers, loop.engines, iteration)
+        gap = loop.with_engines(lambda: loop.probe.check(loop.trainers, loop.engines, iteration), "probe")
     log_samples(loop, iteration, scored)
     return iteration_record(loop, scored, kept, stats, gap, times)
 
@@ -207,6 +218,7 @@ def iteration_record(loop: Loop, scored: Scored, kept: list[int], stats_per_rank
         "train/uniform_reward_groups": sum(len(set(r)) == 1 for r in scored.rewards),
         "train/groups_in_update": len(kept),
         "sync/probe_gap_after_sync": gap,
+        "faults/engine_restarts": loop.restarts.used if loop.restarts else 0,
         **loop.sampler.metrics(),
         **times,
         "time/iteration": sum(times.values()),

@@ -49,8 +49,7 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None) -> tuple[list
     import ray
 
     from rl.trainer import PMDWorker
-    from rollout.engine import EngineSettings, RolloutEngine
-    from thinkrl.cluster import remote_actor, trainer_group
+    from thinkrl.cluster import trainer_group
     from thinkrl.train_engine import DistConfig, OptimConfig
 
     rl, ro = recipe.rl, recipe.rollout
@@ -61,20 +60,30 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None) -> tuple[list
                                                                 rl.gradient_checkpointing), recipe.run.seed),
         gpus_per_rank=rl.gpus_per_trainer, wait=False,  # the engines start meanwhile
     )
-    engine_cls = remote_actor(RolloutEngine, num_gpus=ro.gpus_per_engine)
-    engines = [
-        engine_cls.remote(EngineSettings(
-            model_path=str(model), seed=recipe.run.seed + e, max_model_len=ro.max_model_len,
-            tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
-            gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
-            cpu_share=(e, ro.num_engines) if ro.num_engines > 1 else None,
-        ))
-        for e in range(ro.num_engines)
-    ]
+    engines = [start_engine(recipe, model, e, wait=False) for e in range(ro.num_engines)]
     ray.get([a.__ray_ready__.remote() for a in trainers + engines])
     if resume:
         ray.get([t.load_state.remote(str(resume / "trainer")) for t in trainers])
     return trainers, engines
+
+
+def start_engine(recipe: Recipe, model: Path, index: int, wait: bool = True):
+    """vLLM engine number `index` of the recipe's engines, on `model` (ready, unless `wait` is False)."""
+    import ray
+
+    from rollout.engine import EngineSettings, RolloutEngine
+    from thinkrl.cluster import remote_actor
+
+    ro = recipe.rollout
+    engine = remote_actor(RolloutEngine, num_gpus=ro.gpus_per_engine).remote(EngineSettings(
+        model_path=str(model), seed=recipe.run.seed + index, max_model_len=ro.max_model_len,
+        tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
+        gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
+        cpu_share=(index, ro.num_engines) if ro.num_engines > 1 else None,
+    ))
+    if wait:
+        ray.get(engine.__ray_ready__.remote())
+    return engine
 
 
 def heldout_prompts(recipe: Recipe, run: Run) -> list[list[int]]:

@@ -16,6 +16,7 @@ import argparse
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from thinkrl.fileio import atomic_write_json
 EVAL_SEED = 10**6  # every evaluation decodes with the same seed: before and after RL compare alike
 
 if TYPE_CHECKING:
+    from rl.recovery import EngineRestarts
     from sft.train import Warmup
     from thinkrl.metrics import MetricsLogger
     from thinkrl.run import Run
@@ -60,6 +62,7 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     rc = recipe.reward
     with RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures) as reward_set:
         loop = build_loop(recipe, run, trainers, engines, reward_set, state)
+        loop.restarts = engine_restarts(recipe, run.dir, start_model, loop, log)
         try:
             log(f"[rl] probe gap on identical weights: {loop.probe.baseline:.1e} (a sync may add at most "
                 f"{recipe.rl.probe_tolerance:.0e})")
@@ -70,26 +73,64 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
                                                   "after RL")
         finally:
             loop.sync_file.unlink(missing_ok=True)
-    report = finish(recipe, run, trainers, metrics, state, wall)
+    with trainers_alive(trainers, run.dir, "writing the final checkpoint"):
+        report = finish(recipe, run, trainers, metrics, state, wall)
     for actor in [*trainers, *engines]:
         ray.kill(actor)
     return report
 
 
+def engine_restarts(recipe: Recipe, run_dir: Path, start_model: Path, loop: Loop, log) -> EngineRestarts:
+    """How a dead engine is replaced: a new one on the newest model folder on disk (the last checkpoint's,
+    else the run's start), then the trainer's current weights pushed into it."""
+    from rl.recovery import EngineRestarts
+    from rl.setup import start_engine
+    from rl.sync import sync_weights
+
+    def start(index: int):
+        latest, _ = latest_checkpoint(run_dir)
+        return start_engine(recipe, latest / "hf" if latest else start_model, index)
+
+    return EngineRestarts(start, lambda engine: sync_weights(loop.trainers, [engine], loop.sync_file),
+                          recipe.rollout.max_engine_restarts, log)
+
+
+@contextmanager
+def trainers_alive(trainers: list, run_dir: Path, when: str):
+    """Turn the death of a trainer rank inside the block into `ActorLost`, naming the checkpoint to resume from."""
+    import ray
+
+    from rl.recovery import ActorLost, cause_of, dead_index
+
+    try:
+        yield
+    except ray.exceptions.RayActorError as error:
+        rank = dead_index(error, trainers)
+        if rank is None:
+            raise
+        last = latest_checkpoint(run_dir)[1].get("iteration", 0)
+        raise ActorLost(f"trainer rank {rank} died {when} ({cause_of(error)}); the run stops. Its last checkpoint is "
+                        f"iteration {last}: submit the same command to resume from it") from None
+
+
 def iterate(recipe: Recipe, loop: Loop, run_dir: Path, state: dict, metrics: MetricsLogger, log) -> float:
-    """The iterations after the last checkpoint, a checkpoint every `rl.checkpoint_every`; the RL wall time."""
+    """The iterations after the last checkpoint, a checkpoint every `rl.checkpoint_every`; the RL wall time.
+
+    A trainer rank that dies ends the run with `ActorLost`, naming the checkpoint to resume from.
+    """
     rl = recipe.rl
     start, before = time.time(), state.get("rl_wall_seconds", 0.0)
     for iteration in range(state.get("iteration", 0) + 1, rl.iterations + 1):
-        record = run_iteration(loop, iteration)
-        metrics.log(iteration, record)
-        log(f"[rl] iter {iteration}/{rl.iterations}  reward {record['train/reward_mean']:.3f}  "
-            f"len {record['train/response_tokens_mean']:.0f}  loss {record.get('losses/loss', 0):.4f}  "
-            f"kl {record.get('losses/kl_to_prev_est', 0):.2e}  gap {record['sync/probe_gap_after_sync']:.1e}  "
-            f"{record['time/iteration']:.1f}s")
-        if iteration % rl.checkpoint_every == 0 or iteration == rl.iterations:
-            state.update(sampler=loop.sampler.state_dict(), rl_wall_seconds=before + time.time() - start)
-            save_checkpoint(run_dir, loop.trainers, iteration, state, rl.keep_checkpoints)
+        with trainers_alive(loop.trainers, run_dir, f"in iteration {iteration}"):
+            record = run_iteration(loop, iteration)
+            metrics.log(iteration, record)
+            log(f"[rl] iter {iteration}/{rl.iterations}  reward {record['train/reward_mean']:.3f}  "
+                f"len {record['train/response_tokens_mean']:.0f}  loss {record.get('losses/loss', 0):.4f}  "
+                f"kl {record.get('losses/kl_to_prev_est', 0):.2e}  gap {record['sync/probe_gap_after_sync']:.1e}  "
+                f"{record['time/iteration']:.1f}s")
+            if iteration % rl.checkpoint_every == 0 or iteration == rl.iterations:
+                state.update(sampler=loop.sampler.state_dict(), rl_wall_seconds=before + time.time() - start)
+                save_checkpoint(run_dir, loop.trainers, iteration, state, rl.keep_checkpoints)
     return before + time.time() - start
 
 
@@ -104,8 +145,8 @@ def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: R
                                max_tokens=ev.max_tokens, seed=EVAL_SEED)
     t0 = time.time()
     images = [loop.images.get(r.get("images") or []) for r in run.heldout_rows]
-    result = evaluate(loop.engines, loop.rewards, heldout, run.heldout_rows, settings, iteration=recipe.rl.iterations,
-                      images=images)
+    result = loop.with_engines(lambda: evaluate(loop.engines, loop.rewards, heldout, run.heldout_rows, settings,
+                                                iteration=recipe.rl.iterations, images=images), "evaluation")
     result["wall_seconds"] = time.time() - t0
     log(f"[eval] {when}: accuracy {result['accuracy']:.3f}  mean length {result['mean_response_tokens']:.1f} tokens")
     metrics.log(step, {"eval/accuracy": result["accuracy"], "eval/mean_response_tokens": result["mean_response_tokens"]})
@@ -183,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from rewards.types import RewardPluginError
+    from rl.recovery import ActorLost
 
-    failure = None
+    failure = lost = None
     try:
         report = rl_loop(recipe, run, warmup, log=lambda msg: print(msg, flush=True))
     except RewardPluginError as e:
         failure = e
+    except ActorLost as e:
+        lost = e
     except SystemExit:
         if not _TERMINATED:
             raise
@@ -201,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failure} (the last checkpoint is intact; fix the reward and submit again to resume)",
               file=sys.stderr)
         return 3
+    if lost:
+        print(f"error: {lost}", file=sys.stderr)
+        return 4
     print(f"[done] held-out accuracy {report['accuracy_before_rl']:.3f} -> {report['accuracy_after_rl']:.3f}  "
           f"mean length {report['mean_response_tokens_before_rl']:.1f} -> {report['mean_response_tokens_after_rl']:.1f} "
           f"tokens  ({report['n_heldout']} problems)  total {time.time() - start:.0f}s", flush=True)

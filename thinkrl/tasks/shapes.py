@@ -38,7 +38,6 @@ import io
 import random
 import re
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
