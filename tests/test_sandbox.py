@@ -121,6 +121,7 @@ def test_reads_and_writes_outside(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("run data")
     before = sorted(os.listdir(tmp_path))
+    escape = f"/tmp/escape-{uuid.uuid4().hex}"
     report, run = hostile(f"""
 import os
 report = {{}}
@@ -128,15 +129,18 @@ report.update(attempt("read shadow", lambda: open("/etc/shadow").read()))
 report.update(attempt("read secret", lambda: open({str(secret)!r}).read()))
 report.update(attempt("overwrite secret", lambda: open({str(secret)!r}, "w").write("owned")))
 report.update(attempt("write beside", lambda: open({str(tmp_path / 'escape.txt')!r}, "w").write("x")))
-report.update(attempt("write /tmp", lambda: open("/tmp/escape-{uuid.uuid4().hex}", "w").write("x")))
+report.update(attempt("write /tmp", lambda: open({escape!r}, "w").write("x")))
 report.update(attempt("read passwd", lambda: open("/etc/passwd").read()))
 report.update(attempt("read host root", lambda: os.listdir("/root")))
 print(json.dumps(report))
 """)
     assert run.ok, run.stderr
-    for what in ("read shadow", "read secret", "overwrite secret", "write beside", "write /tmp",
-                 "read passwd"):
+    for what in ("read shadow", "read secret", "overwrite secret", "write beside", "read passwd"):
         assert report[what].startswith("FileNotFoundError"), (what, report[what])
+    # /tmp is absent in the sandbox, or (when the venv lives under /tmp, as in a fresh clone there) a
+    # read-only skeleton bwrap made to reach it: not writable either way
+    assert report["write /tmp"].startswith(("FileNotFoundError", "PermissionError")), report["write /tmp"]
+    assert not os.path.exists(escape)
     assert "run data" not in run.stdout
     assert secret.read_text() == "run data" and sorted(os.listdir(tmp_path)) == before
 
