@@ -36,12 +36,12 @@ class ThinkrlLoop:
         from rl.setup import build_loop, heldout_prompts, start_actors
 
         self.recipe, self.run, self.log = recipe, run, log
-        self.trainers, self.engines = start_actors(recipe, model_path, None)
+        self.trainers, self.engines = start_actors(recipe, model_path, None, run.dir)
         rc = recipe.reward
         self.pool = RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures)
         self.heldout_rows = run.heldout_rows[:heldout_n]
         self.heldout_prompts = heldout_prompts(recipe, run)[:heldout_n]
-        self.loop = build_loop(recipe, run, self.trainers, self.engines, self.pool, {}, sync_name="bench")
+        self.loop = build_loop(recipe, run, self.trainers, self.engines, self.pool, {})
         self.done = 0
 
     def iteration(self) -> dict[str, Any]:
@@ -80,25 +80,22 @@ class ThinkrlLoop:
 
     def evaluate_weights(self, state_dict: dict, seed: int = 10**6) -> dict:
         """Held-out accuracy of foreign weights (TRL's), through the same engine; thinkrl's are restored."""
-        from safetensors.torch import save_file
-
-        from rl.sync import sync_weights
-
-        path = self.loop.sync_file.with_name(self.loop.sync_file.name + ".other")
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path))
         import ray
 
-        ray.get([e.load_weights.remote(str(path)) for e in self.engines])
-        path.unlink(missing_ok=True)
+        from rl.sync import sync_weights
+        from thinkrl.train_engine import WeightBucket
+
+        bucket = ray.put(WeightBucket.pack({k: v.detach() for k, v in state_dict.items()}))
+        ray.get([e.load_weights.remote([bucket]) for e in self.engines])
+        del bucket
         result = self.evaluate(seed)
-        sync_weights(self.trainers, self.engines, self.loop.sync_file)
+        sync_weights(self.trainers, self.engines)
         return result
 
     def close(self) -> None:
         import ray
 
         self.pool.close()
-        self.loop.sync_file.unlink(missing_ok=True)
         for actor in [*self.trainers, *self.engines]:
             ray.kill(actor)
 

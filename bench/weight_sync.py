@@ -3,13 +3,14 @@
     .venv/bin/python bench/weight_sync.py --models tiny-dense tiny-moe large --reps 5
 
 For each model a real DeepSpeed `PMDWorker` actor and a real `RolloutEngine` actor are started, and the
-driver's own path is timed (`rl.sync.sync_weights`: the trainer writes one safetensors file to
-/dev/shm, the engine's workers load it in place, then the prefix cache is dropped), split into export
-and load. GB/s = parameter bytes / seconds.
+driver's own path is timed (`rl.sync.sync_weights`: the trainer puts its weights into Ray's object store
+bucket by bucket, the engine stages them into the shared memory its vLLM worker maps and the worker loads
+them in place, then the prefix cache is dropped), split into publish and load. GB/s = parameter bytes /
+seconds.
 
-The limit: the bytes cross memory at least twice (trainer -> shared-memory file, file -> the engine's
-parameters; on CPU vLLM also repacks linear weights for oneDNN), so the memory-copy bound of a sync is
-2 x bytes / memcpy bandwidth. The memcpy bandwidth is measured here (a 1 GiB `Tensor.copy_`, median of
+The limit: the bytes cross memory at least twice (out of the trainer's parameters, into the engine's;
+today: trainer -> object store -> the engine's arena -> vLLM's parameters, and on CPU vLLM also repacks
+linear weights for oneDNN), so the memory-copy bound of a sync is 2 x bytes / memcpy bandwidth. The memcpy bandwidth is measured here (a 1 GiB `Tensor.copy_`, median of
 5). The report gives sync seconds / that bound (1.0 would be perfect).
 
 "large" is a random-initialised Qwen2-style model of about --large-params parameters built offline with
@@ -83,25 +84,24 @@ def measure(model_path: Path, reps: int) -> dict:
     engine = remote_actor(RolloutEngine).remote(EngineSettings(model_path=str(model_path), enforce_eager=True,
                                                                max_model_len=512, gpu_memory_utilization=0.15))
     ray.get([a.__ray_ready__.remote() for a in [*trainers, engine]])  # both start at once, as in rl.train
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else WORK_DIR
-    sync_file = shm / f"thinkrl-bench-sync-{model_path.name}.safetensors"
     totals, exports, loads = [], [], []
     try:
-        sync_weights(trainers, [engine], sync_file)  # warm-up: first export/reload allocates
+        sync_weights(trainers, [engine])  # warm-up: the first sync allocates the engine's arena
         for _ in range(reps):
-            totals.append(sync_weights(trainers, [engine], sync_file))
+            totals.append(sync_weights(trainers, [engine]))
             start = time.perf_counter()
-            path = ray.get(trainers[0].export_weights.remote(str(sync_file)))
+            refs = ray.get(trainers[0].publish_weights.remote())
             exports.append(time.perf_counter() - start)
+            nbytes = sum(b.nbytes for b in ray.get(refs))
             start = time.perf_counter()
-            ray.get(engine.load_weights.remote(path))
+            ray.get(engine.load_weights.remote(refs))
             loads.append(time.perf_counter() - start)
-        nbytes = sync_file.stat().st_size
+            del refs
     finally:
-        sync_file.unlink(missing_ok=True)
         for actor in [*trainers, engine]:
             ray.kill(actor)
-    return {"bytes": nbytes, "sync_s": spread(totals), "export_s": spread(exports), "load_s": spread(loads),
+    return {"transport": "Ray object store -> memfd arena -> vLLM reload_weights",
+            "bytes": nbytes, "sync_s": spread(totals), "export_s": spread(exports), "load_s": spread(loads),
             "gb_per_s": spread([nbytes / t / 1e9 for t in totals])}
 
 

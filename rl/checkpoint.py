@@ -23,7 +23,7 @@ def save_checkpoint(run_dir: Path, trainers: list, iteration: int, state: dict, 
     final = run_dir / "checkpoints" / "rl" / f"iter_{iteration:06d}"
     with atomic_directory(final) as tmp:
         (tmp / "hf").mkdir()
-        ray.get(trainers[0].save_hf.remote(str(tmp / "hf")))
+        ray.get([t.save_hf.remote(str(tmp / "hf")) for t in trainers])  # under ZeRO-3 a gather: every rank
         ray.get([t.save_state.remote(str(tmp / "trainer")) for t in trainers])
         atomic_write_json(tmp / CHECKPOINT_STATE, {**state, "iteration": iteration})
     atomic_write_json(run_dir / "checkpoints" / "rl" / "latest.json", {"iteration": iteration, "path": final.name})
@@ -66,5 +66,5 @@ def save_final(run_dir: Path, trainers: list) -> Path:
 
     final = run_dir / "checkpoints" / "final"
     with atomic_directory(final) as tmp:
-        ray.get(trainers[0].save_hf.remote(str(tmp)))
+        ray.get([t.save_hf.remote(str(tmp)) for t in trainers])
     return final

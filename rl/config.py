@@ -17,6 +17,13 @@ class RolloutConfig(Strict):
     num_engines: int = Field(1, ge=1, description="data-parallel vLLM engines")
     tensor_parallel_size: int = Field(1, ge=1)
     gpus_per_engine: float = Field(0.0, ge=0, description="0 on CPU; tensor_parallel_size on GPU")
+    cpus_per_engine: float = Field(0.0, ge=0, description="logical CPUs reserved per engine in the Ray cluster (0: "
+                                   "none; on one CPU machine the engines and the trainer take turns on the cores)")
+    engine_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources reserved per engine: the label of the nodes the "
+        "engines go to (`ray start --resources '{\"rollout_node\": 8}'` there), e.g. {rollout_node: 1}")
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="engines on as few nodes as they fit (pack) or one per node as far as possible (spread)")
     max_tokens: int = Field(160, ge=1, description="response budget per sample")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -70,6 +77,11 @@ class RLConfig(Strict):
         "baseline they carry no policy-gradient signal); counted in metrics either way")
     num_trainers: int = Field(1, ge=1, description="DeepSpeed ranks (one per GPU, or CPU processes)")
     gpus_per_trainer: float = Field(0.0, ge=0)
+    cpus_per_trainer: float = Field(0.0, ge=0, description="logical CPUs reserved per trainer rank in the Ray cluster "
+                                    "(0: none)")
+    trainer_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources reserved per trainer rank: the label of the nodes "
+        "the trainer group goes to, e.g. {trainer_node: 1}; the ranks are packed onto as few nodes as they fit")
     zero_stage: int = Field(1, ge=0, le=3)
     gradient_checkpointing: bool = Field(
         False, description="recompute decoder activations in backward (long sequences: memory for ~1/3 more "

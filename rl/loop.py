@@ -77,7 +77,6 @@ class Loop:
     train_rows: list[dict]
     train_prompts: list[list[int]]  # token ids of each train row's chat prompt
     probe: Probe
-    sync_file: Path
     samples_file: Path
     images: ImageStore  # the rows' image bytes, read when a prompt is sampled
     restarts: EngineRestarts | None = None  # replaces engines that die (rl.recovery); None: a dead engine ends the run
@@ -111,7 +110,7 @@ def run_iteration(loop: Loop, iteration: int) -> dict:
     with _timed(times, "update"):
         samples, group_ids, kept = make_samples(loop, scored)
         stats = update_policy(loop.trainers, samples, group_ids, loop.settings, iteration)
-    times["time/weight_sync"] = loop.with_engines(lambda: sync_weights(loop.trainers, loop.engines, loop.sync_file),
+    times["time/weight_sync"] = loop.with_engines(lambda: sync_weights(loop.trainers, loop.engines),
                                                   "weight sync")
     with _timed(times, "probe"):
         gap = loop.with_engines(lambda: loop.probe.check(loop.trainers, loop.engines, iteration), "probe")

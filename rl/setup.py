@@ -7,7 +7,6 @@ the recipe into the plain `rl.loop.Loop` the iterations use.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,43 +43,59 @@ def check_sampler(recipe: Recipe, train: list[dict]) -> None:
         raise ValueError(f"{source}: sampler.kind={recipe.sampler.kind}: {e}") from None
 
 
-def start_actors(recipe: Recipe, model: Path, resume: Path | None) -> tuple[list, list]:
-    """The DeepSpeed trainer ranks (restored from checkpoint `resume` if given) and the vLLM engines, on `model`."""
+def start_actors(recipe: Recipe, model: Path, resume: Path | None, run_dir: Path) -> tuple[list, list]:
+    """The DeepSpeed trainer ranks (restored from checkpoint `resume` if given) and the vLLM engines, on
+    `model`; every rank must see `run_dir` (`check_shared_storage`)."""
     import ray
 
     from rl.trainer import PMDWorker
-    from thinkrl.cluster import trainer_group
+    from thinkrl.cluster import Resources, check_shared_storage, place, trainer_group
     from thinkrl.train_engine import DistConfig, OptimConfig
 
     rl, ro = recipe.rl, recipe.rollout
+    # both roles are checked against the cluster before either starts
+    engine_group = place("rollout engines (rollout.num_engines x rollout.cpus_per_engine, gpus_per_engine, "
+                         "engine_resources)", ro.num_engines, engine_resources(recipe),
+                         "SPREAD" if ro.placement == "spread" else "PACK")
     optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip, frozen=recipe.model.frozen)
     trainers = trainer_group(
         PMDWorker, rl.num_trainers,
         lambda rank, addr, port: (str(model), optim, DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage,
                                                                 rl.gradient_checkpointing), recipe.run.seed),
-        gpus_per_rank=rl.gpus_per_trainer, wait=False,  # the engines start meanwhile
-    )
-    engines = [start_engine(recipe, model, e, wait=False) for e in range(ro.num_engines)]
+        resources=Resources(rl.cpus_per_trainer, rl.gpus_per_trainer, dict(rl.trainer_resources)), wait=False,
+        role="rl trainer ranks (rl.num_trainers x rl.cpus_per_trainer, gpus_per_trainer, trainer_resources)",
+    )  # the engines start meanwhile
+    engines = [start_engine(recipe, model, e, engine_group, wait=False) for e in range(ro.num_engines)]
     ray.get([a.__ray_ready__.remote() for a in trainers + engines])
+    check_shared_storage(trainers, run_dir, "rl trainer rank")
     if resume:
         ray.get([t.load_state.remote(str(resume / "trainer")) for t in trainers])
     return trainers, engines
 
 
-def start_engine(recipe: Recipe, model: Path, index: int, wait: bool = True):
-    """vLLM engine number `index` of the recipe's engines, on `model` (ready, unless `wait` is False)."""
+def engine_resources(recipe: Recipe):
+    from thinkrl.cluster import Resources
+
+    ro = recipe.rollout
+    return Resources(ro.cpus_per_engine, ro.gpus_per_engine, dict(ro.engine_resources))
+
+
+def start_engine(recipe: Recipe, model: Path, index: int, group=None, wait: bool = True):
+    """vLLM engine number `index` of the recipe's engines, on `model`, in bundle `index` of the engines'
+    placement group `group` if there is one (ready, unless `wait` is False)."""
     import ray
 
     from rollout.engine import EngineSettings, RolloutEngine
-    from thinkrl.cluster import remote_actor
+    from thinkrl.cluster import in_group, remember_group, remote_actor
 
     ro = recipe.rollout
-    engine = remote_actor(RolloutEngine, num_gpus=ro.gpus_per_engine).remote(EngineSettings(
+    engine = remote_actor(RolloutEngine, resources=engine_resources(recipe)).options(**in_group(group, index)).remote(EngineSettings(
         model_path=str(model), seed=recipe.run.seed + index, max_model_len=ro.max_model_len,
         tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
         gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
         cpu_share=(index, ro.num_engines) if ro.num_engines > 1 else None,
     ))
+    remember_group(engine, group)
     if wait:
         ray.get(engine.__ray_ready__.remote())
     return engine
@@ -92,8 +107,7 @@ def heldout_prompts(recipe: Recipe, run: Run) -> list[list[int]]:
     return [row_prompt_ids(run.tokenizer, r, recipe.data.system_prompt) for r in run.heldout_rows]
 
 
-def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_set: RewardSet, state: dict,
-               sync_name: str = "weights") -> Loop:
+def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_set: RewardSet, state: dict) -> Loop:
     """The loop's settings and inputs, the sampler (restored from `state`), and the probe measured on the
     identical weights the trainer and the engines start from."""
     from rl.loop import Loop, LoopSettings
@@ -119,7 +133,6 @@ def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_s
     sampler = build_sampler(recipe.sampler, run.train_rows, recipe.run.seed)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
-    sync_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else run.dir
     return Loop(LoopSettings.from_recipe(recipe), trainers, engines, reward_set, sampler, run.train_rows,
                 [row_prompt_ids(tok, r, recipe.data.system_prompt) for r in run.train_rows], probe,
-                sync_dir / f"thinkrl-{os.getpid()}-{sync_name}.safetensors", run.dir / "samples.jsonl", images)
+                run.dir / "samples.jsonl", images)

@@ -1,7 +1,10 @@
 """Weight sync from the trainer to the engines, and the probe that checks the engines serve the new weights.
 
-On CPU the trainer's rank 0 writes one safetensors file (shared memory when there is some) and every
-engine loads it in place (`rollout.worker_extension`). The probe: a fixed sequence's per-token
+The trainer ranks put the weights into Ray's object store bucket by bucket (under ZeRO-3 each bucket is
+gathered from every rank's partitions, then released: `TrainEngine.publish_weights`); every engine reads
+the buckets (zero-copy on the trainer's node, pulled over the network from another) and loads them in
+place (`rollout.worker_extension`). No file is written; the store frees the buckets when the sync is
+over, and with the cluster if the run dies. The probe: a fixed sequence's per-token
 log-probs from rank 0 and from each engine; their mean gap may exceed the gap measured on identical
 weights at start-up (kernels differ) by at most a tolerance, else the run stops rather than train on
 stale weights.
@@ -11,17 +14,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 
-def sync_weights(trainers: list, engines: list, sync_file: Path) -> float:
+def sync_weights(trainers: list, engines: list) -> float:
     """Push the trainer's weights into every engine; returns seconds taken."""
     import ray
 
     start = time.time()
-    path = ray.get(trainers[0].export_weights.remote(str(sync_file)))
-    ray.get([e.load_weights.remote(path) for e in engines])
+    refs = ray.get([t.publish_weights.remote() for t in trainers])[0]
+    ray.get([e.load_weights.remote(refs) for e in engines])
+    del refs  # the last references: the store frees the buckets
     return time.time() - start
+
+
+def trainer_call(trainers: list, method: str, *args):
+    """Call `method` on every trainer rank (under ZeRO-3 a forward pass or an export is a collective) and
+    return rank 0's result."""
+    import ray
+
+    return ray.get([getattr(t, method).remote(*args) for t in trainers])[0]
 
 
 def probe_gap(trainers: list, engines: list, probe_ids: list[int], prompt_len: int,
@@ -30,7 +41,7 @@ def probe_gap(trainers: list, engines: list, probe_ids: list[int], prompt_len: i
     `images`, one placeholder token each, when given)."""
     import ray
 
-    trainer_lp = ray.get(trainers[0].probe_logprobs.remote(probe_ids, prompt_len, images))
+    trainer_lp = trainer_call(trainers, "probe_logprobs", probe_ids, prompt_len, images)
     gaps = []
     for engine_lp in ray.get([e.prompt_logprobs.remote(probe_ids, prompt_len, images) for e in engines]):
         gaps.append(sum(abs(a - b) for a, b in zip(engine_lp, trainer_lp, strict=True)) / len(trainer_lp))

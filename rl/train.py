@@ -36,18 +36,18 @@ if TYPE_CHECKING:
 
 def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     """SFT warmup (if needed), evaluation, RL iterations, final evaluation; returns the report."""
-    import ray
 
     from rewards.combine import RewardSet
     from rl.setup import build_loop, heldout_prompts, start_actors
     from sft.train import run_warmup
+    from thinkrl.cluster import release
     from thinkrl.metrics import MetricsLogger, truncate_jsonl
 
     start_model, sft_seconds = run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed, log,
                                           frozen=recipe.model.frozen)
     resume, state = latest_checkpoint(run.dir)
     t0 = time.time()
-    trainers, engines = start_actors(recipe, resume / "hf" if resume else start_model, resume)
+    trainers, engines = start_actors(recipe, resume / "hf" if resume else start_model, resume, run.dir)
     if resume:
         log(f"[rl] resumed from {resume} (iteration {state['iteration']})")
     wall = {"sft": sft_seconds, "startup": time.time() - t0}
@@ -63,20 +63,16 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     with RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures) as reward_set:
         loop = build_loop(recipe, run, trainers, engines, reward_set, state)
         loop.restarts = engine_restarts(recipe, run.dir, start_model, loop, log)
-        try:
-            log(f"[rl] probe gap on identical weights: {loop.probe.baseline:.1e} (a sync may add at most "
-                f"{recipe.rl.probe_tolerance:.0e})")
-            if "eval_before" not in state:
-                state["eval_before"] = evaluate_policy(recipe, loop, heldout, run, metrics, 0, log, "before RL")
-            wall["rl"] = iterate(recipe, loop, run.dir, state, metrics, log)
-            state["eval_after"] = evaluate_policy(recipe, loop, heldout, run, metrics, recipe.rl.iterations, log,
-                                                  "after RL")
-        finally:
-            loop.sync_file.unlink(missing_ok=True)
+        log(f"[rl] probe gap on identical weights: {loop.probe.baseline:.1e} (a sync may add at most "
+            f"{recipe.rl.probe_tolerance:.0e})")
+        if "eval_before" not in state:
+            state["eval_before"] = evaluate_policy(recipe, loop, heldout, run, metrics, 0, log, "before RL")
+        wall["rl"] = iterate(recipe, loop, run.dir, state, metrics, log)
+        state["eval_after"] = evaluate_policy(recipe, loop, heldout, run, metrics, recipe.rl.iterations, log,
+                                              "after RL")
     with trainers_alive(trainers, run.dir, "writing the final checkpoint"):
         report = finish(recipe, run, trainers, metrics, state, wall)
-    for actor in [*trainers, *engines]:
-        ray.kill(actor)
+    release([*trainers, *engines])
     return report
 
 
@@ -86,12 +82,13 @@ def engine_restarts(recipe: Recipe, run_dir: Path, start_model: Path, loop: Loop
     from rl.recovery import EngineRestarts
     from rl.setup import start_engine
     from rl.sync import sync_weights
+    from thinkrl.cluster import group_of
 
-    def start(index: int):
+    def start(index: int):  # into the dead engine's place (its bundle of the engines' placement group)
         latest, _ = latest_checkpoint(run_dir)
-        return start_engine(recipe, latest / "hf" if latest else start_model, index)
+        return start_engine(recipe, latest / "hf" if latest else start_model, index, group_of(loop.engines[index]))
 
-    return EngineRestarts(start, lambda engine: sync_weights(loop.trainers, [engine], loop.sync_file),
+    return EngineRestarts(start, lambda engine: sync_weights(loop.trainers, [engine]),
                           recipe.rollout.max_engine_restarts, log)
 
 

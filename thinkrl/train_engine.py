@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -199,30 +199,94 @@ class TrainEngine:
 
     # ---- export / checkpoints --------------------------------------------------------------------
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (unsharded) weights as CPU tensors under their checkpoint names (see `checkpoint_format`)."""
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.engine.module.state_dict().items()}
-        return checkpoint_format(self.engine.module, state)
+    def weight_buckets(self, bucket_bytes: int = 256 << 20, checkpoint_names: bool = True,
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+        """The weights, full (unsharded), in buckets of about `bucket_bytes`: a collective, every rank runs it.
+
+        Rank 0 gets each bucket as {name: tensor} (checkpoint names and layout when `checkpoint_names`, see
+        `checkpoint_format`; else the module's own); other ranks get empty dicts. Under ZeRO-3 each bucket
+        is gathered from every rank's partitions and released before the next, so no rank ever holds the
+        whole model twice; the tensors are valid until the next bucket is asked for (copy what you keep).
+        A parameter is never split, and a module's parameters stay in one bucket (a fused MoE weight is
+        converted back to its per-expert names as a whole). Tied weights appear once.
+        """
+        module = self.engine.module
+        persistent = module.state_dict(keep_vars=True).keys()
+        named = [(n, p) for n, p in module.named_parameters()]
+        named += [(n, b) for n, b in module.named_buffers() if n in persistent]
+        zero3 = any(hasattr(p, "ds_id") for _, p in named)
+        groups: list[list[tuple[str, torch.Tensor]]] = [[]]
+        size, owner = 0, None
+        for name, tensor in named:
+            nbytes = (tensor.ds_numel if hasattr(tensor, "ds_numel") else tensor.numel()) * tensor.element_size()
+            prefix = name.rpartition(".")[0]
+            if groups[-1] and size + nbytes > bucket_bytes and prefix != owner:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tensor))
+            size, owner = size + nbytes, prefix
+        for group in groups:
+            if zero3:
+                import deepspeed
+
+                params = [t for _, t in group if hasattr(t, "ds_id")]
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    yield self._bucket(module, group, checkpoint_names)
+            else:
+                yield self._bucket(module, group, checkpoint_names)
+
+    def _bucket(self, module, group, checkpoint_names: bool) -> dict[str, torch.Tensor]:
+        if self.rank != 0:
+            return {}
+        state = {name: t.detach() for name, t in group}
+        return checkpoint_format(module, state) if checkpoint_names else state
+
+    def full_state_dict(self, checkpoint_names: bool = True) -> dict[str, torch.Tensor]:
+        """The full weights as CPU tensors (see `weight_buckets`; every rank calls, rank 0 gets them)."""
+        state = {}
+        for bucket in self.weight_buckets(checkpoint_names=checkpoint_names):
+            state.update({k: v.to("cpu", copy=True).contiguous() for k, v in bucket.items()})
+        return state
+
+    def publish_weights(self, bucket_bytes: int = 256 << 20) -> list:
+        """Put the weights into Ray's object store, bucket by bucket; rank 0 returns the buckets' references.
+
+        Every rank calls it (ZeRO-3 gathers are collectives). A bucket is a `WeightBucket`: names,
+        dtypes, shapes and the raw bytes as one uint8 array per tensor, which Ray stores without
+        pickling (one copy into the store, zero copies when an engine on the same node reads it; a
+        node elsewhere pulls it over the network). Nothing touches a file; the store frees a bucket
+        once every holder of its reference is gone.
+        """
+        import ray
+
+        refs = []
+        for bucket in self.weight_buckets(bucket_bytes):
+            if bucket:
+                refs.append(ray.put(WeightBucket.pack(bucket)))
+        return refs
 
     def export_weights(self, path: str | Path) -> str:
-        """Write the weights to one safetensors file (rank 0 only; atomic), for the rollout engines."""
+        """Write the weights to one safetensors file (every rank calls; rank 0 writes, atomically)."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        state = self.full_state_dict()
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            save_file(_dedup_shared(self.full_state_dict()), str(tmp))
+            save_file(_dedup_shared(state), str(tmp))
             os.replace(tmp, path)
         return str(path)
 
     def save_hf(self, out_dir: str | Path) -> None:
-        """Write a Hugging Face checkpoint (model + tokenizer) into `out_dir` (rank 0).
+        """Write a Hugging Face checkpoint (model + tokenizer) into `out_dir`: every rank calls (under
+        ZeRO-3 the weights are gathered from all), rank 0 writes.
 
         Not atomic by itself: drivers call it inside `atomic_directory`, which all ranks share.
         """
+        state = self.full_state_dict(checkpoint_names=False)
         if self.rank == 0:
-            self.engine.module.save_pretrained(out_dir, safe_serialization=True)
+            self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
             for name, data in self.processor_files.items():
                 if not (Path(out_dir) / name).exists():
@@ -234,6 +298,38 @@ class TrainEngine:
 
     def load_state(self, in_dir: str | Path) -> None:
         self.engine.load_checkpoint(str(in_dir), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+
+
+@dataclass
+class WeightBucket:
+    """A bucket of weights as Ray stores it: raw bytes (uint8 arrays, stored out of band: no pickling,
+    no copy on a same-node read), and what turns them back into tensors. bfloat16 has no numpy type, so
+    every dtype travels as bytes."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]
+    data: list  # numpy uint8 arrays
+
+    @classmethod
+    def pack(cls, state: dict[str, torch.Tensor]) -> WeightBucket:
+        tensors = [t.detach().to("cpu").contiguous() for t in state.values()]
+        return cls(list(state), [str(t.dtype).removeprefix("torch.") for t in tensors], [tuple(t.shape) for t in tensors],
+                   [t.reshape(-1).view(torch.uint8).numpy() for t in tensors])
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs viewing the stored bytes (read-only memory: copy before writing)."""
+        import warnings
+
+        for name, dtype, shape, data in zip(self.names, self.dtypes, self.shapes, self.data, strict=True):
+            with warnings.catch_warnings():  # the object store's memory is read-only; nobody writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(data)
+            yield name, raw.view(getattr(torch, dtype)).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.data)
 
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
