@@ -43,6 +43,18 @@ def check_sampler(recipe: Recipe, train: list[dict]) -> None:
         raise ValueError(f"{source}: sampler.kind={recipe.sampler.kind}: {e}") from None
 
 
+def check_cluster(recipe: Recipe) -> None:
+    """Both roles against the cluster's nodes, before anything starts (`thinkrl.cluster.check_fits`)."""
+    from thinkrl.cluster import Resources, check_fits, cluster_nodes
+
+    rl, ro = recipe.rl, recipe.rollout
+    nodes = cluster_nodes()
+    check_fits("rl trainer ranks (rl.num_trainers x rl.cpus_per_trainer, gpus_per_trainer, trainer_resources)",
+               rl.num_trainers, Resources(rl.cpus_per_trainer, rl.gpus_per_trainer, dict(rl.trainer_resources)), nodes)
+    check_fits("rollout engines (rollout.num_engines x rollout.cpus_per_engine, gpus_per_engine, engine_resources)",
+               ro.num_engines, engine_resources(recipe), nodes)
+
+
 def start_actors(recipe: Recipe, model: Path, resume: Path | None, run_dir: Path) -> tuple[list, list]:
     """The DeepSpeed trainer ranks (restored from checkpoint `resume` if given) and the vLLM engines, on
     `model`; every rank must see `run_dir` (`check_shared_storage`)."""

@@ -38,11 +38,12 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     """SFT warmup (if needed), evaluation, RL iterations, final evaluation; returns the report."""
 
     from rewards.combine import RewardSet
-    from rl.setup import build_loop, heldout_prompts, start_actors
+    from rl.setup import build_loop, check_cluster, heldout_prompts, start_actors
     from sft.train import run_warmup
-    from thinkrl.cluster import release
+    from thinkrl.cluster import node_addresses, release
     from thinkrl.metrics import MetricsLogger, truncate_jsonl
 
+    check_cluster(recipe)
     start_model, sft_seconds = run_warmup(recipe.sft, recipe.rl, warmup, run, recipe.run.seed, log,
                                           frozen=recipe.model.frozen)
     resume, state = latest_checkpoint(run.dir)
@@ -52,7 +53,8 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
         log(f"[rl] resumed from {resume} (iteration {state['iteration']})")
     wall = {"sft": sft_seconds, "startup": time.time() - t0}
     log(f"[rl] {recipe.rl.num_trainers} trainer rank(s) and {recipe.rollout.num_engines} vLLM engine(s) ready "
-        f"in {wall['startup']:.0f}s")
+        f"in {wall['startup']:.0f}s (trainer ranks on {', '.join(node_addresses(trainers))}; engines on "
+        f"{', '.join(node_addresses(engines))})")
     start_iter = state.get("iteration", 0)
     # the final evaluation is logged at the last iteration's step, after its checkpoint: a run killed
     # during it evaluates again, so a record of it left from before the kill goes
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rewards.types import RewardPluginError
     from rl.recovery import ActorLost
+    from thinkrl.cluster import ClusterTooSmall, StorageNotShared
 
     failure = lost = None
     try:
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         failure = e
     except ActorLost as e:
         lost = e
+    except (ClusterTooSmall, StorageNotShared) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except SystemExit:
         if not _TERMINATED:
             raise

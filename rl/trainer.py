@@ -150,7 +150,9 @@ class PMDWorker:
         with torch.no_grad():
             for plan in plans[1:]:
                 for micro in plan.micro_batches:
-                    if micro:
+                    if not micro:  # every rank runs as many forward passes (under ZeRO-3 each is a collective)
+                        self._zero_loss()
+                    else:
                         chunk = [samples[i] for i in micro]
                         seq_logp, token_logps = self._logprobs(chunk)
                         logp_old[micro] = seq_logp.cpu()

@@ -120,6 +120,7 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
     import ray
 
     from sft.data import batch_stream
+    from sft.worker import SFTWorker
     from thinkrl.cluster import check_shared_storage, release
 
     out_dir, state_root = Path(out_dir), Path(out_dir).with_name(Path(out_dir).name + "-state")
@@ -140,8 +141,9 @@ def run_sft(sft, examples, model_path: str, out_dir: Path, seed: int,
         stream = batch_stream(chosen, per_rank * num_trainers, seed + stage - 1, start_step=first)
         for _ in range(first, stage_steps):
             batch, step = next(stream), step + 1
-            results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank], budget, sft.packing_layout)
-                               for r, w in enumerate(workers)])
+            step_tokens = SFTWorker.loss_tokens(batch)  # the loss is the mean over all ranks' assistant tokens
+            results = ray.get([w.train_step.remote(batch[r * per_rank : (r + 1) * per_rank], budget, sft.packing_layout,
+                                                   step_tokens) for r, w in enumerate(workers)])
             progress.add(results)
             evaluated = bool(heldout) and (step % sft.eval_every == 0 or step == sft.total_steps)
             if evaluated:

@@ -54,12 +54,15 @@ class SFTWorker:
         return -logp_B_T.sum()
 
     @staticmethod
-    def _loss_tokens(examples: list[EncodedConversation]) -> int:
+    def loss_tokens(examples: list[EncodedConversation]) -> int:
         return sum(sum(e.loss_mask[1:]) for e in examples)
 
     def train_step(self, batch: list[EncodedConversation], pack_budget: int | None = None,
-                   layout: str = "auto") -> dict[str, float]:
-        """One optimizer step on `batch` (mean loss over its assistant tokens).
+                   layout: str = "auto", step_tokens: int | None = None) -> dict[str, float]:
+        """One optimizer step on `batch`: this rank's share of the step (mean loss over its assistant tokens).
+
+        `step_tokens`: the assistant tokens of the whole step on all ranks; given, the loss is the mean over
+        all of them (the one-rank step's, however the examples fall on the ranks), else over this rank's.
 
         `pack_budget`: avoid padding (`layout`: packed rows of at most this many tokens, or length
         buckets); None: one padded batch per micro-batch.
@@ -68,11 +71,14 @@ class SFTWorker:
         n_micro = self.micro_batches
         if len(batch) < n_micro:
             raise ValueError(f"a step of {len(batch)} examples cannot fill {n_micro} micro-batches")
-        n_tokens = max(1, self._loss_tokens(batch))
+        n_tokens = max(1, self.loss_tokens(batch))
+        # DeepSpeed averages the ranks' gradients: a rank's share of the step's token mean is its NLL sum
+        # over step_tokens / world_size
+        denominator = step_tokens / self.engine.world_size if step_tokens else n_tokens
         bounds = [len(batch) * k // n_micro for k in range(n_micro + 1)]
         micro = [self._layouts(batch[lo:hi], pack_budget, layout) for lo, hi in zip(bounds, bounds[1:], strict=False)]
         # every part's graph, one backward per micro-batch; the shares add up to the step's mean NLL
-        stats = self.engine.train_step(micro, lambda parts: sum(self._nll_sum(part) for part in parts) / n_tokens)
+        stats = self.engine.train_step(micro, lambda parts: sum(self._nll_sum(part) for part in parts) / denominator)
         return {**stats, "tokens": n_tokens, "input_tokens": sum(p.real_tokens for parts in micro for p in parts),
                 "slots": sum(p.slots for parts in micro for p in parts)}
 
@@ -81,7 +87,7 @@ class SFTWorker:
         """(summed NLL, assistant tokens) of `batch`, without gradients."""
         with torch.no_grad():
             nll = sum(self._nll_sum(part).item() for part in self._layouts(batch, pack_budget, layout))
-            return nll, self._loss_tokens(batch)
+            return nll, self.loss_tokens(batch)
 
     def eval_loss(self, batch: list[EncodedConversation]) -> float:
         """Mean NLL over the assistant tokens of `batch`."""

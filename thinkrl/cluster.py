@@ -294,6 +294,19 @@ def check_shared_storage(actors: list, folder: Path, role: str) -> None:
                 "nodes share (NFS or a cluster file system mounted at the same path)")
 
 
+def _node_address(_actor) -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def node_addresses(actors: list) -> list[str]:
+    """The address of the node each actor runs on."""
+    import ray
+
+    return ray.get([a.__ray_call__.remote(_node_address) for a in actors])
+
+
 def _rendezvous_address() -> tuple[str, str, int]:
     """(node id, node address, a free port there): where rank 0 runs and the group meets."""
     import ray

@@ -177,9 +177,15 @@ class TrainEngine:
             raise ValueError("a train step needs at least one micro-batch")
         lr = float(self.scheduler.get_last_lr()[0])
         total = 0.0
+        zero_optimizer = self.engine.optimizer
         for i, micro_batch in enumerate(micro_batches):
             # DeepSpeed's own counter would need a fixed count; the boundary is set by hand instead
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            # the forward passes here call the module, not DeepSpeedEngine.forward, which first tells a ZeRO
+            # optimizer that a new micro-batch starts: without it ZeRO-3 overwrites the gradients of the
+            # step's earlier micro-batches instead of adding to them (only the last one counted)
+            if hasattr(zero_optimizer, "clear_backward_seen_flag"):
+                zero_optimizer.clear_backward_seen_flag()
             loss = loss_of(micro_batch)
             self.engine.backward(loss)  # gradient_accumulation_steps is 1: DeepSpeed does not rescale
             total += loss.item()
