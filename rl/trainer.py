@@ -193,9 +193,6 @@ class PMDWorker:
         """Every rank calls; rank 0 returns the references of the weight buckets (`TrainEngine.publish_weights`)."""
         return self.engine.publish_weights(bucket_bytes)
 
-    def export_weights(self, path: str) -> str:
-        return self.engine.export_weights(path)
-
     def save_hf(self, out_dir: str) -> None:
         self.engine.save_hf(out_dir)
 

@@ -160,9 +160,12 @@ class RolloutEngine:
         """
         import ray
 
-        staged = ray.get(list(buckets))
-        layout = self._arena.stage([t for b in staged for t in b.tensors()])
-        del staged  # the store frees each bucket once the driver drops its references too
+        return self.load_buckets(ray.get(list(buckets)))
+
+    def load_buckets(self, buckets: list) -> int:
+        """`load_weights` of `WeightBucket`s at hand (read from the store, or packed in this process)."""
+        layout = self._arena.stage([t for b in buckets for t in b.tensors()])
+        del buckets  # the store frees each bucket once the driver drops its references too
         counts = self.llm.collective_rpc("thinkrl_load_shared", args=(self._arena.path, self._arena.size, layout))
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()

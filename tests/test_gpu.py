@@ -82,3 +82,19 @@ def test_pmd_update_on_cuda(tiny_dense):
     assert after[0] > before[0] and after[1] < before[1]
     # bf16: the batched recompute and the one-sequence probe round differently, but not by much
     assert stats["logprob_gap_vllm_trainer"] < 0.05
+
+
+def test_weight_buckets_of_a_bf16_cuda_trainer_travel_exactly(tiny_dense):
+    """The weight sync's trainer side on CUDA: bf16 buckets, packed as raw bytes for Ray's object store (the
+    CPU counterpart: tests/test_trainer.py::test_synced_and_exported_weights_are_the_trainers)."""
+    from thinkrl.cluster import free_port
+    from thinkrl.train_engine import DistConfig, OptimConfig, TrainEngine, WeightBucket
+
+    engine = TrainEngine(tiny_dense, OptimConfig(lr=3e-3), DistConfig(master_port=free_port(), zero_stage=3))
+    travelled = {}
+    for bucket in engine.weight_buckets(bucket_bytes=64 << 10):
+        travelled.update({n: t.clone() for n, t in WeightBucket.pack(bucket).tensors()})
+    full = engine.full_state_dict()
+    assert travelled.keys() == full.keys()
+    for name, tensor in full.items():
+        assert travelled[name].dtype == torch.bfloat16 and torch.equal(travelled[name], tensor), name

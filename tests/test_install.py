@@ -38,10 +38,9 @@ if __name__ == "__main__":
 SYNC = r"""
 import sys
 import torch
-from safetensors.torch import save_file
 from rollout.engine import EngineSettings, RolloutEngine
 from thinkrl.models import build_tiny_model, load_causal_lm, load_tokenizer
-from thinkrl.train_engine import checkpoint_format
+from thinkrl.train_engine import WeightBucket, checkpoint_format
 
 if __name__ == "__main__":
     path, out = build_tiny_model(sys.argv[1], sys.argv[2] + "/base"), sys.argv[2]
@@ -55,9 +54,7 @@ if __name__ == "__main__":
         for name, p in model.named_parameters():
             if "self_attn" not in name:
                 p.add_(torch.randn_like(p) * (1.0 if name.endswith("mlp.gate.weight") else 0.05))
-    save_file({k: v.contiguous() for k, v in checkpoint_format(model, dict(model.state_dict())).items()},
-              out + "/sync.safetensors")
-    engine.load_weights(out + "/sync.safetensors")
+    engine.load_buckets([WeightBucket.pack(checkpoint_format(model, dict(model.state_dict())))])
     synced = engine.prompt_logprobs(ids, 10)
     del engine
     model.save_pretrained(out + "/new")

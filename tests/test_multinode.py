@@ -147,3 +147,35 @@ def test_trainers_and_engines_on_two_nodes_zero3_sync_resume_and_export(two_node
         torch.testing.assert_close(tensor, trainer[name], rtol=0, atol=0, msg=name)
     before = load_file(next((run_dir / "checkpoints" / "sft").glob("*.safetensors")))
     assert any(not torch.equal(before[n], exported[n]) for n in exported)  # RL moved the weights
+
+
+def test_the_two_node_dense_recipe_runs_tiny_shaped_on_the_two_nodes(two_nodes):
+    """recipes/qwen2.5-7b-math-2node.yaml as written (its node labels, CPU reservations, ZeRO-3, placement),
+    with only the model, data and sizes shrunk: one iteration on a user's JSONL files."""
+    from thinkrl.tasks import arithmetic
+
+    nodes, code = two_nodes
+    data = nodes.root / "math"
+    data.mkdir()
+    for name, seed in (("train", 1), ("heldout", 2)):
+        rows = [{"prompt": r["prompt"], "answer": r["answer"], "difficulty": r["difficulty"]}
+                for r in arithmetic.make_rows(12, seed=seed, max_ops=2)]
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = nodes.root / "dense"
+    out = nodes.submit(code, "recipes/qwen2.5-7b-math-2node.yaml", f"run.output_dir={run_dir}",
+                       "model.name_or_path=tiny-dense", f"data.train_file={data / 'train.jsonl'}",
+                       f"data.heldout_file={data / 'heldout.jsonl'}", "rollout.num_engines=2", "rollout.gpus_per_engine=0",
+                       "rollout.cpus_per_engine=1", "rollout.gpu_memory_utilization=0.15", "rollout.max_model_len=512",
+                       "rollout.max_tokens=32", "rollout.enforce_eager=true", "eval.max_tokens=32",
+                       "eval.samples_per_prompt=1", "reward.num_workers=1", "rl.iterations=1",
+                       "rl.prompts_per_iteration=4", "rl.samples_per_prompt=2", "rl.mini_batches=2",
+                       "rl.max_tokens_per_micro_batch=64", "rl.num_trainers=2", "rl.gpus_per_trainer=0",
+                       "rl.cpus_per_trainer=1", "rl.gradient_checkpointing=false", "rl.probe_tolerance=1e-3",
+                       "sampler.iterations_per_level=1")
+    log = _log(out)
+    assert out.returncode == 0, log[-6000:]
+    assert f"(trainer ranks on {nodes.node_ip}, {nodes.node_ip}; engines on {nodes.head_ip}, {nodes.head_ip})" in log
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["n_heldout"] == 12 and report["rl_iterations"] == 1
+    config = (run_dir / "config.yaml").read_text()
+    assert "zero_stage: 3" in config and "trainer_node: 1" in config and "rollout_node: 1" in config

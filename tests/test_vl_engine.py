@@ -109,7 +109,7 @@ def test_sync_changes_what_the_engine_serves_for_an_image_seen_before(actors):
                            num_ranks=1, max_tokens_per_micro_batch=0, seed=0)
     stats = ray.get(trainers[0].update.remote(samples, plans[0], PMDSettings(tau=0.1)))
     assert stats["logprob_gap_image"] < 1e-5 and "logprob_gap_text" not in stats
-    sync_weights(trainers, engines, tmp / "weights.safetensors")
+    sync_weights(trainers, engines)
     after = ray.get(engines[0].prompt_logprobs.remote(prompt + response, len(prompt), [red]))
     assert max(abs(a - b) for a, b in zip(before, after, strict=True)) > 1e-3  # the new weights are served...
     assert probe_gap(trainers, engines, prompt + response, len(prompt), [red]) < 1e-5  # ...exactly, tower included

@@ -271,19 +271,6 @@ class TrainEngine:
                 refs.append(ray.put(WeightBucket.pack(bucket)))
         return refs
 
-    def export_weights(self, path: str | Path) -> str:
-        """Write the weights to one safetensors file (every rank calls; rank 0 writes, atomically)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        state = self.full_state_dict()
-        if self.rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(_dedup_shared(state), str(tmp))
-            os.replace(tmp, path)
-        return str(path)
-
     def save_hf(self, out_dir: str | Path) -> None:
         """Write a Hugging Face checkpoint (model + tokenizer) into `out_dir`: every rank calls (under
         ZeRO-3 the weights are gathered from all), rank 0 writes.
@@ -370,18 +357,6 @@ def checkpoint_format(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     except ImportError:  # transformers < 5: in-memory names are the checkpoint's
         return state
     return revert_weight_conversion(model, state)
-
-
-def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen: dict[int, str] = {}
-    out = {}
-    for name, tensor in state.items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            continue
-        seen[ptr] = name
-        out[name] = tensor
-    return out
 
 
 def token_logprobs(module, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor,
