@@ -43,16 +43,18 @@ def check_sampler(recipe: Recipe, train: list[dict]) -> None:
         raise ValueError(f"{source}: sampler.kind={recipe.sampler.kind}: {e}") from None
 
 
+# the roles as a message names them: the recipe keys that size them
+TRAINER_ROLE = "rl trainer ranks (rl.num_trainers x rl.cpus_per_trainer, gpus_per_trainer, trainer_resources)"
+ENGINE_ROLE = "rollout engines (rollout.num_engines x rollout.cpus_per_engine, gpus_per_engine, engine_resources)"
+
+
 def check_cluster(recipe: Recipe) -> None:
     """Both roles against the cluster's nodes, before anything starts (`thinkrl.cluster.check_fits`)."""
-    from thinkrl.cluster import Resources, check_fits, cluster_nodes
+    from thinkrl.cluster import check_fits, cluster_nodes
 
-    rl, ro = recipe.rl, recipe.rollout
     nodes = cluster_nodes()
-    check_fits("rl trainer ranks (rl.num_trainers x rl.cpus_per_trainer, gpus_per_trainer, trainer_resources)",
-               rl.num_trainers, Resources(rl.cpus_per_trainer, rl.gpus_per_trainer, dict(rl.trainer_resources)), nodes)
-    check_fits("rollout engines (rollout.num_engines x rollout.cpus_per_engine, gpus_per_engine, engine_resources)",
-               ro.num_engines, engine_resources(recipe), nodes)
+    check_fits(TRAINER_ROLE, recipe.rl.num_trainers, trainer_resources(recipe), nodes)
+    check_fits(ENGINE_ROLE, recipe.rollout.num_engines, engine_resources(recipe), nodes)
 
 
 def start_actors(recipe: Recipe, model: Path, resume: Path | None, run_dir: Path) -> tuple[list, list]:
@@ -61,21 +63,19 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, run_dir: Path
     import ray
 
     from rl.trainer import PMDWorker
-    from thinkrl.cluster import Resources, check_shared_storage, place, trainer_group
+    from thinkrl.cluster import check_shared_storage, place, trainer_group
     from thinkrl.train_engine import DistConfig, OptimConfig
 
     rl, ro = recipe.rl, recipe.rollout
     # both roles are checked against the cluster before either starts
-    engine_group = place("rollout engines (rollout.num_engines x rollout.cpus_per_engine, gpus_per_engine, "
-                         "engine_resources)", ro.num_engines, engine_resources(recipe),
+    engine_group = place(ENGINE_ROLE, ro.num_engines, engine_resources(recipe),
                          "SPREAD" if ro.placement == "spread" else "PACK")
     optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip, frozen=recipe.model.frozen)
     trainers = trainer_group(
         PMDWorker, rl.num_trainers,
         lambda rank, addr, port: (str(model), optim, DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage,
                                                                 rl.gradient_checkpointing), recipe.run.seed),
-        resources=Resources(rl.cpus_per_trainer, rl.gpus_per_trainer, dict(rl.trainer_resources)), wait=False,
-        role="rl trainer ranks (rl.num_trainers x rl.cpus_per_trainer, gpus_per_trainer, trainer_resources)",
+        resources=trainer_resources(recipe), wait=False, role=TRAINER_ROLE,
     )  # the engines start meanwhile
     engines = [start_engine(recipe, model, e, engine_group, wait=False) for e in range(ro.num_engines)]
     ray.get([a.__ray_ready__.remote() for a in trainers + engines])
@@ -85,7 +85,16 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, run_dir: Path
     return trainers, engines
 
 
+def trainer_resources(recipe: Recipe):
+    """What each trainer rank reserves (`thinkrl.cluster.Resources`)."""
+    from thinkrl.cluster import Resources
+
+    rl = recipe.rl
+    return Resources(rl.cpus_per_trainer, rl.gpus_per_trainer, dict(rl.trainer_resources))
+
+
 def engine_resources(recipe: Recipe):
+    """What each engine reserves (`thinkrl.cluster.Resources`)."""
     from thinkrl.cluster import Resources
 
     ro = recipe.rollout
