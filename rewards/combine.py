@@ -65,6 +65,11 @@ def check_correctness_reward(name: str) -> None:
                          "(math, code, ...)")
 
 
+def preload_of(rewards: Sequence[ResolvedReward]) -> tuple[str, ...]:
+    """The modules a pool's worker imports at start-up for these rewards (their `preload`), once each."""
+    return tuple(dict.fromkeys(m for r in rewards for m in r.reward.preload))
+
+
 class RewardSet:
     """Score groups of samples with several weighted rewards (see the module docstring).
 
@@ -86,7 +91,7 @@ class RewardSet:
 
     def __init__(self, specs: Sequence[Any], num_workers: int = 2, timeout_s: float = 10.0,
                  max_consecutive_failures: int = 32, correctness: str | None = None,
-                 pool: RewardPool | None = None) -> None:
+                 pool: RewardPool | None = None, close_pool: bool = False) -> None:
         if max_consecutive_failures < 1:
             raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures}")
         self.rewards: list[ResolvedReward] = resolve_specs(specs)
@@ -102,9 +107,8 @@ class RewardSet:
         self._last_failure = dict.fromkeys(names, "")
         self._metrics: dict[str, float] = {}
         self._executor: ThreadPoolExecutor | None = None
-        preload = tuple(dict.fromkeys(m for r in self.rewards for m in r.reward.preload))
-        self._owns_pool = pool is None
-        self._pool = RewardPool(num_workers, timeout_s, preload=preload) if pool is None else pool
+        self._owns_pool = pool is None or close_pool  # a given pool (any with run/close) is the caller's unless said
+        self._pool = RewardPool(num_workers, timeout_s, preload=preload_of(self.rewards)) if pool is None else pool
 
     def submit(self, groups: list[list[RewardInput]], iteration: int) -> Future:
         """`score_groups` in a background thread, so scoring overlaps whatever the caller does next.

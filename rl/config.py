@@ -40,7 +40,13 @@ class RewardConfig(Strict):
         default_factory=lambda: [RewardSpec(name="math")],
         description="weighted rewards: built-in names (math, length, format, code, repeat), entry points of "
         "group thinkrl.rewards, or module:attr paths; e.g. [math, {name: length, weight: 0.1, warmup_iterations: 10}]")
-    num_workers: int = Field(2, ge=1, description="reward worker processes")
+    num_workers: int = Field(2, ge=1, description="reward worker processes (beside the driver, or per host)")
+    hosts: int = Field(0, ge=0, description="reward hosts: Ray actors on the cluster's nodes, each running "
+                       "num_workers processes (0: the processes run beside the driver)")
+    host_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each reward host reserves: the label of the "
+        "nodes it may run on, e.g. {trainer_node: 0.01}; hosts spread over the nodes as far as they go")
+    cpus_per_host: float = Field(0.0, ge=0, description="logical CPUs each reward host reserves")
     timeout_s: float = Field(10.0, gt=0, description="hard limit per reward call")
     max_consecutive_failures: int = Field(
         64, ge=1, description="a reward failing on this many samples in a row stops the run")

@@ -28,6 +28,7 @@ from thinkrl.fileio import atomic_write_json
 EVAL_SEED = 10**6  # every evaluation decodes with the same seed: before and after RL compare alike
 
 if TYPE_CHECKING:
+    from rewards.combine import RewardSet
     from rl.recovery import EngineRestarts
     from sft.train import Warmup
     from thinkrl.metrics import MetricsLogger
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
 def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     """SFT warmup (if needed), evaluation, RL iterations, final evaluation; returns the report."""
-
-    from rewards.combine import RewardSet
     from rl.setup import build_loop, check_cluster, heldout_prompts, start_actors
     from sft.train import run_warmup
     from thinkrl.cluster import node_addresses, release
@@ -61,8 +60,7 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None, redone=("eval/accuracy",))
     truncate_jsonl(run.dir / "samples.jsonl", "iteration", start_iter if resume else None)
     heldout = heldout_prompts(recipe, run)
-    rc = recipe.reward
-    with RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures) as reward_set:
+    with reward_set_of(recipe, log) as reward_set:
         loop = build_loop(recipe, run, trainers, engines, reward_set, state)
         loop.restarts = engine_restarts(recipe, run.dir, start_model, loop, log)
         log(f"[rl] probe gap on identical weights: {loop.probe.baseline:.1e} (a sync may add at most "
@@ -76,6 +74,24 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
         report = finish(recipe, run, trainers, metrics, state, wall)
     release([*trainers, *engines])
     return report
+
+
+def reward_set_of(recipe: Recipe, log) -> RewardSet:
+    """The recipe's rewards, scored by worker processes beside the driver or, with `reward.hosts`, by reward
+    hosts on the cluster's nodes (`rewards.cluster_pool`); closing the set closes its pool."""
+    from rewards.combine import RewardSet, preload_of
+    from rewards.config import resolve_specs
+
+    rc = recipe.reward
+    if not rc.hosts:
+        return RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures)
+    from rewards.cluster_pool import ClusterRewardPool
+    from thinkrl.cluster import actor_env
+
+    pool = ClusterRewardPool(rc.hosts, rc.num_workers, rc.timeout_s, preload_of(resolve_specs(rc.rewards)),
+                             dict(rc.host_resources), rc.cpus_per_host, actor_env())
+    log(f"[rl] reward workers: {rc.hosts} host(s) of {rc.num_workers} on {', '.join(pool.nodes())}")
+    return RewardSet(rc.rewards, rc.num_workers, rc.timeout_s, rc.max_consecutive_failures, pool=pool, close_pool=True)
 
 
 def engine_restarts(recipe: Recipe, run_dir: Path, start_model: Path, loop: Loop, log) -> EngineRestarts:

@@ -67,7 +67,8 @@ class TwoNodes:
         # the second node: its own network namespace, and its own view of the Ray temp folder
         _sh("ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
             f"mount --bind {root / 'private'} {root / 't'} && exec ray start --address {self.gcs} "
-            f"--node-ip-address {self.node_ip} --num-cpus 2 --resources '{{\"trainer_node\": 2}}' --disable-usage-stats",
+            f"--node-ip-address {self.node_ip} --num-cpus 2 --resources '{{\"trainer_node\": 2, \"reward_node\": 2}}' "
+            "--disable-usage-stats",
             env=self.env)
 
     def submit(self, code: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -112,6 +113,18 @@ def test_a_request_the_cluster_cannot_hold_fails_before_anything_starts(two_node
     log = _log(out)
     assert "rl trainer ranks" in log and "trainer_node: 3 asked, 2 in the cluster" in log, log[-3000:]
     assert "[sft]" not in log  # nothing started
+
+
+def test_an_output_dir_a_trainer_node_does_not_see_fails_at_start_up(two_nodes):
+    # under the Ray temp folder, which the second node has bound to a private folder of its own: the
+    # driver on the head writes there, the trainer ranks on the second node see another folder
+    nodes, code = two_nodes
+    out = nodes.submit(code, "recipes/tiny.yaml", f"run.output_dir={nodes.root / 't' / 'unshared'}", *SMALL, *PLACED,
+                       timeout=600)
+    log = _log(out)
+    assert out.returncode != 0
+    assert f"run.output_dir: sft trainer rank 0 on node {nodes.node_ip} does not see" in log, log[-3000:]
+    assert "[sft] step" not in log  # it stopped before training
 
 
 def test_trainers_and_engines_on_two_nodes_zero3_sync_resume_and_export(two_nodes):
@@ -168,14 +181,18 @@ def test_the_two_node_dense_recipe_runs_tiny_shaped_on_the_two_nodes(two_nodes):
                        "rollout.cpus_per_engine=1", "rollout.gpu_memory_utilization=0.15", "rollout.max_model_len=512",
                        "rollout.max_tokens=32", "rollout.enforce_eager=true", "eval.max_tokens=32",
                        "eval.samples_per_prompt=1", "reward.num_workers=1", "rl.iterations=1",
-                       "rl.prompts_per_iteration=4", "rl.samples_per_prompt=2", "rl.mini_batches=2",
+                       "rl.prompts_per_iteration=4", "rl.samples_per_prompt=2", "rl.mini_batches=2", "reward.hosts=2",
                        "rl.max_tokens_per_micro_batch=64", "rl.num_trainers=2", "rl.gpus_per_trainer=0",
                        "rl.cpus_per_trainer=1", "rl.gradient_checkpointing=false", "rl.probe_tolerance=1e-3",
-                       "sampler.iterations_per_level=1")
+                       "sampler.iterations_per_level=1", "reward.cpus_per_host=0", "reward.host_resources={reward_node: 1}")
     log = _log(out)
     assert out.returncode == 0, log[-6000:]
     assert f"(trainer ranks on {nodes.node_ip}, {nodes.node_ip}; engines on {nodes.head_ip}, {nodes.head_ip})" in log
+    assert f"[rl] reward workers: 2 host(s) of 1 on {nodes.node_ip}, {nodes.node_ip}" in log  # scored on node B
     report = json.loads((run_dir / "report.json").read_text())
     assert report["n_heldout"] == 12 and report["rl_iterations"] == 1
     config = (run_dir / "config.yaml").read_text()
     assert "zero_stage: 3" in config and "trainer_node: 1" in config and "rollout_node: 1" in config
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "reward/failures" in r]
+    assert scored and all(r["reward/failures"] == 0 for r in scored)
