@@ -160,10 +160,9 @@ def check_fits(role: str, count: int, res: Resources, nodes: dict[str, dict[str,
     bundle = res.bundle()
     if not bundle:
         return
-    free = {ip: dict(r) for ip, r in nodes.items()}
     placed = 0
-    for ip in free if strict_pack else [None]:
-        free_try = {k: dict(v) for k, v in free.items()}
+    for ip in nodes if strict_pack else [None]:  # strict: try each node alone
+        free_try = {n: dict(r) for n, r in nodes.items()}
         placed = 0
         for _ in range(count):
             target = next((n for n, r in free_try.items() if (ip is None or n == ip)
@@ -244,14 +243,14 @@ def release(actors: list) -> None:
         remove_placement_group(pg)
 
 
-def remote_actor(cls, *, num_cpus: float = 0.0, num_gpus: float = 0.0, resources: Resources | None = None):
+def remote_actor(cls, *, resources: Resources | None = None):
     """`ray.remote(cls)` with this project's actor environment (and `resources` reserved, if given)."""
     import ray
 
-    if resources is not None:
-        num_cpus, num_gpus = resources.cpus, resources.gpus
-    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": actor_env()}}
-    if resources is not None and resources.custom:
+    resources = resources or Resources()
+    options: dict[str, Any] = {"num_cpus": resources.cpus, "num_gpus": resources.gpus,
+                               "runtime_env": {"env_vars": actor_env()}}
+    if resources.custom:
         options["resources"] = dict(resources.custom)
     return ray.remote(**options)(cls)
 
@@ -260,13 +259,12 @@ class StorageNotShared(RuntimeError):
     """A node that writes checkpoints does not see the run's output directory."""
 
 
-def _read_marker(_actor, path: str) -> tuple[str, str | None]:
-    import ray
-
+def _read_marker(actor, path: str) -> tuple[str, str | None]:
     try:
-        return ray.util.get_node_ip_address(), Path(path).read_text()
+        text = Path(path).read_text()
     except OSError:
-        return ray.util.get_node_ip_address(), None
+        text = None
+    return _node_address(actor), text
 
 
 def check_shared_storage(actors: list, folder: Path, role: str) -> None:
