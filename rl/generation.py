@@ -13,9 +13,10 @@ if TYPE_CHECKING:
 
 
 def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSettings,
-             images: list[list[bytes]] | None = None) -> list[list[Completion]]:
-    """Spread prompts (and their images, if any) over the engines (contiguous shards), gather results in
-    prompt order."""
+             images: list[list[bytes]] | None = None, max_tokens: list[int] | None = None,
+             continued: list[int] | None = None) -> list[list[Completion]]:
+    """Spread prompts (and their images, per-prompt budgets and continued lengths, if any: see
+    `RolloutEngine.generate`) over the engines (contiguous shards), gather results in prompt order."""
     import ray
 
     shard = -(-len(prompts_ids) // len(engines))
@@ -25,7 +26,9 @@ def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSetti
         if part:
             seed = None if settings.seed is None else settings.seed + e * shard
             own = images[e * shard : (e + 1) * shard] if images and any(images) else None
-            futures.append(engine.generate.remote(part, dataclasses.replace(settings, seed=seed), own))
+            budgets = None if max_tokens is None else max_tokens[e * shard : (e + 1) * shard]
+            prefix = None if continued is None else continued[e * shard : (e + 1) * shard]
+            futures.append(engine.generate.remote(part, dataclasses.replace(settings, seed=seed), own, budgets, prefix))
     return [group for part in ray.get(futures) for group in part]
 
 

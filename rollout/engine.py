@@ -100,11 +100,16 @@ class RolloutEngine:
         self._arena = WeightArena()
 
     def generate(self, prompts: list[list[int]], settings: RolloutSettings,
-                 images: list[list[bytes]] | None = None) -> list[list[Completion]]:
+                 images: list[list[bytes]] | None = None, max_tokens: list[int] | None = None,
+                 continued: list[int] | None = None) -> list[list[Completion]]:
         """`settings.n` completions for each prompt (token ids), in prompt order.
 
         `images`: each prompt's images (encoded bytes), one placeholder token per image in its ids; the
         completions then carry the prompt as the engine expanded it.
+        `max_tokens`: each prompt's own budget (partial rollouts: what is left of a segment), instead of
+        `settings.max_tokens`.
+        `continued`: for each prompt, how many of its last tokens are an earlier part of the response being
+        continued (partial rollouts; 0 for a new response).
         """
         from vllm import SamplingParams
 
@@ -113,7 +118,7 @@ class RolloutEngine:
                 n=settings.n,
                 temperature=settings.temperature,
                 top_p=settings.top_p,
-                max_tokens=settings.max_tokens,
+                max_tokens=settings.max_tokens if max_tokens is None else max_tokens[i],
                 logprobs=0,
                 # the sampled tokens' log-probs as flat float lists, not one dict of Logprob objects per
                 # token (those cost Python object churn and GC on the engine's output path)
