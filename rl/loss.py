@@ -22,6 +22,20 @@ takes each sample's advantage a_j = r_j - b_j (`advantages`, computed once on th
 groups are at hand) and the per-sample terms (a_j - tau*d_j)^2 / (2 tau) (`pmd_terms`): the loss is
 their mean, so a micro-batch may hold any subset of samples (less than a group, or parts of several),
 and the gradients of its sums over micro-batches add up to that of `pmd_loss` (tested).
+
+Partial rollouts (`rollout.partial`, docs/partial-rollouts.md) make a response y = (y_old, y_new): y_old
+generated in earlier iterations under older weights (the behaviour policy mu), y_new under theta_i. Two
+ways to keep the surrogate's fixed point at the optimum of iteration i:
+
+- mask (k1.5): y_old is context. d_j = log pi_theta(y_new | x, y_old) - log pi_theta_i(y_new | x, y_old), so
+  the update fits pi*(y_new | x, y_old) on tokens sampled from pi_theta_i; at theta = theta_i the gradient
+  is -mean_j a_j * grad log pi_theta(y_new_j | x, y_old_j). A sample whose whole response predates
+  iteration i has no token left to train: it only enters its group's baseline.
+- importance: every token counts (d_j over all of y_j) and each term is weighted by
+  w_j = min(c, pi_theta_i(y_old_j | x) / mu(y_old_j | x)) (no gradient through it; 1 for a response
+  sampled whole under theta_i), so at theta = theta_i the gradient is -mean_j w_j a_j grad log pi_theta(y_j|x):
+  the policy gradient of samples from pi_theta_i, importance-corrected for the prefix, the clip c bounding
+  its variance (and its bias).
 """
 
 from __future__ import annotations
@@ -69,7 +83,7 @@ def advantages(rewards: torch.Tensor, group_ids: torch.Tensor, tau: float,
 
 
 def pmd_terms(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, tau: float, *,
-              num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+              num_tokens: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The per-sample terms (a_j - tau * d_j)^2 / (2 tau) of the PMD loss, [N]; their mean is `pmd_loss`.
 
     Args:
@@ -78,6 +92,8 @@ def pmd_terms(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
         advantages: [N] r_j minus the group baseline (`advantages`).
         tau: the KL coefficient, > 0.
         num_tokens: optional [N] response lengths: the log-ratio per token instead of per sequence.
+        weights: optional [N] importance weights w_j of the terms (partial rollouts, `importance`); no
+            gradient is taken through them.
 
     Example (two micro-batches of one group give the gradient of the whole group):
         >>> logp = torch.tensor([-3.0, -5.0, -4.0], requires_grad=True)
@@ -95,7 +111,22 @@ def pmd_terms(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
     log_ratio = logp - logp_old.to(logp.dtype).detach()
     if num_tokens is not None:
         log_ratio = log_ratio / num_tokens.to(logp.dtype).clamp(min=1)
-    return (advantages.to(logp.dtype) - tau * log_ratio) ** 2 / (2 * tau)
+    terms = (advantages.to(logp.dtype) - tau * log_ratio) ** 2 / (2 * tau)
+    return terms if weights is None else terms * weights.to(logp.dtype).detach()
+
+
+def importance_weights(logp_old_prefix: torch.Tensor, behaviour_prefix: torch.Tensor, clip: float) -> torch.Tensor:
+    """w_j = min(clip, exp(log pi_theta_i(y_old_j) - log mu(y_old_j))): each sample's weight under partial
+    rollouts' `importance` loss, from the summed log-probs of its earlier segments' tokens, [N].
+
+    Example (a prefix the new weights like more, one they like less, none):
+        >>> importance_weights(torch.tensor([-2.0, -4.0, 0.0]), torch.tensor([-3.0, -3.0, 0.0]), clip=2.0)
+        tensor([2.0000, 0.3679, 1.0000], dtype=torch.float64)
+    """
+    if clip <= 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    ratio = torch.exp(logp_old_prefix.double() - behaviour_prefix.double())
+    return ratio.clamp(max=clip)
 
 
 def pmd_loss(

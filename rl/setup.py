@@ -154,6 +154,11 @@ def build_loop(recipe: Recipe, run: Run, trainers: list, engines: list, reward_s
     sampler = build_sampler(recipe.sampler, run.train_rows, recipe.run.seed)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
-    return Loop(LoopSettings.from_recipe(recipe), trainers, engines, reward_set, sampler, run.train_rows,
+    settings = LoopSettings.from_recipe(recipe)
+    buffer = settings.replay_buffer()
+    if "replay_buffer" in state:  # the unfinished trajectories of the checkpoint continue
+        buffer.load_state_dict(state["replay_buffer"])
+    return Loop(settings, trainers, engines, reward_set, sampler, run.train_rows,
                 [row_prompt_ids(tok, r, recipe.data.system_prompt) for r in run.train_rows], probe,
-                run.dir / "samples.jsonl", images)
+                run.dir / "samples.jsonl", images, buffer,
+                lambda ids: tok.batch_decode(ids, skip_special_tokens=True))

@@ -144,7 +144,8 @@ def iterate(recipe: Recipe, loop: Loop, run_dir: Path, state: dict, metrics: Met
                 f"kl {record.get('losses/kl_to_prev_est', 0):.2e}  gap {record['sync/probe_gap_after_sync']:.1e}  "
                 f"{record['time/iteration']:.1f}s")
             if iteration % rl.checkpoint_every == 0 or iteration == rl.iterations:
-                state.update(sampler=loop.sampler.state_dict(), rl_wall_seconds=before + time.time() - start)
+                state.update(sampler=loop.sampler.state_dict(), replay_buffer=loop.buffer.state_dict(),
+                             rl_wall_seconds=before + time.time() - start)
                 save_checkpoint(run_dir, loop.trainers, iteration, state, rl.keep_checkpoints)
     return before + time.time() - start
 

@@ -12,6 +12,12 @@ micro-batches. With `old_logprobs="rollout"` it is vLLM's log-probs of the sampl
 log-probs, before temperature) and nothing is recomputed; right where engine and trainer compute alike
 (float32 on CPU: the gap is measured every iteration on the first step), not under bf16. Sequence sums
 are float64 on both sides, so equal weights give a log-ratio of exactly ~0 on every machine.
+
+Partial rollouts: a sample's first `earlier_tokens` response tokens were generated under older weights.
+With `partial_loss="mask"` they are context (no log-prob of theirs is summed); with "importance" all
+tokens are, and the sample's term is weighted by `rl.loss.importance_weights` of those tokens (pi_theta_i
+from the trainer, the behaviour's from vLLM as it generated them). The vLLM gap counts only tokens
+generated under theta_i.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from rl.batching import StepPlan
-from rl.loss import pmd_terms
+from rl.loss import importance_weights, pmd_terms
 from thinkrl.train_engine import (
     BUCKET_OVERHEAD_TOKENS,
     DistConfig,
@@ -45,6 +51,8 @@ class Sample:
     # the prompt's images (encoded bytes); prompt_ids then hold each image's placeholder expanded, as the
     # engine ran it
     images: list[bytes] | None = None
+    # partial rollouts: how many leading response tokens were generated under weights older than theta_i
+    earlier_tokens: int = 0
 
 
 @dataclass
@@ -55,8 +63,14 @@ class PMDSettings:
     log_ratio_norm: str = "sequence"  # or "token"
     reset_optimizer: bool = True
     old_logprobs: str = "trainer"  # where log pi_theta_i comes from: "trainer" or "rollout" (vLLM's)
+    partial_loss: str = "mask"  # tokens generated under earlier weights: "mask" (context) or "importance"
+    importance_clip: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.partial_loss not in ("mask", "importance"):
+            raise ValueError(f"partial_loss must be 'mask' or 'importance', not {self.partial_loss!r}")
+        if self.partial_loss == "importance" and self.old_logprobs != "trainer":
+            raise ValueError("partial_loss='importance' needs old_logprobs='trainer' (pi_theta_i of earlier tokens)")
         if self.old_logprobs not in ("trainer", "rollout"):
             raise ValueError(f"old_logprobs must be 'trainer' or 'rollout', not {self.old_logprobs!r}")
         if self.log_ratio_norm not in ("sequence", "token"):
@@ -80,20 +94,24 @@ class PMDWorker:
         # under ZeRO-3 every forward pass gathers the sharded weights again: one bucket, padded to the longest
         self.bucket_overhead_tokens = BUCKET_OVERHEAD_TOKENS if dist.zero_stage < 3 else 10**12
 
-    def _logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _logprobs(self, samples: list[Sample], skip: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Each sample's summed response log-prob [B] (float64, differentiable) and its per-token log-probs.
+
+        `skip`: per sample, how many leading response tokens are context only (0 where not given); their
+        per-token log-probs are 0.
 
         Samples go through the model in length buckets (`length_buckets`), not padded to the longest of
         all; the results come back in `samples`' order. Under gradients, every bucket's graph stays alive
         until the caller's one backward pass: the same step as one padded batch, on fewer slots.
         """
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        skip = skip or [0] * len(samples)
         sums, tokens, order = [], [None] * len(samples), []
         for bucket in length_buckets(lengths, self.bucket_overhead_tokens):
             chunk = [samples[i] for i in bucket]
-            ids, attn, target = pad_batch([s.prompt_ids + s.response_ids for s in chunk],
-                                          [[0] * len(s.prompt_ids) + [1] * len(s.response_ids) for s in chunk],
-                                          self.pad_id)
+            masks = [[0] * (len(samples[i].prompt_ids) + skip[i]) + [1] * (len(samples[i].response_ids) - skip[i])
+                     for i in bucket]
+            ids, attn, target = pad_batch([s.prompt_ids + s.response_ids for s in chunk], masks, self.pad_id)
             token_logp_B_T = self.engine.token_logprobs(ids, attn, target, images=self._images(chunk))
             # in float64: a float32 sum rounds differently from the engine's (and loses ~5e-4 nats over
             # 5,000 tokens); the log-ratio of equal weights must be 0 on every machine, not by luck
@@ -108,7 +126,7 @@ class PMDWorker:
     def update(self, samples: list[Sample], plans: list[StepPlan], settings: PMDSettings) -> dict[str, float]:
         """One optimizer step per plan on `samples` (this rank's); returns the update's statistics."""
         started = time.perf_counter()
-        logp_old, gaps = self._old_logprobs(samples, plans, settings.old_logprobs)
+        logp_old, weights, gaps = self._old_logprobs(samples, plans, settings)
         logprobs_seconds = time.perf_counter() - started
         if settings.reset_optimizer:
             self.engine.reset_optimizer()
@@ -119,34 +137,41 @@ class PMDWorker:
                 if not micro:  # padding: every rank runs the same number of backward passes
                     return self._zero_loss()
                 chunk = [samples[i] for i in micro]
-                logp, token_logps = self._logprobs(chunk)
+                logp, token_logps = self._logprobs(chunk, _context_tokens(chunk, settings))
                 if first:  # under theta_i: this forward is also log pi_theta_i's, and the gap's
                     gaps.extend(_rollout_gaps([t.detach() for t in token_logps], chunk))
                     if settings.old_logprobs == "trainer":
                         logp_old[micro] = logp.detach().cpu()
+                        weights[micro] = _weights([t.detach() for t in token_logps], chunk, settings)
                 old = logp_old[micro].to(logp.device)
                 log_ratios.extend((logp.detach() - old).tolist())
                 terms = pmd_terms(logp, old, torch.tensor([s.advantage for s in chunk], device=logp.device), settings.tau,
-                                  num_tokens=self._num_tokens(chunk, logp.device, settings.log_ratio_norm))
+                                  num_tokens=self._num_tokens(chunk, logp.device, settings),
+                                  weights=weights[micro].to(logp.device))
                 # this rank's share of the step's mean over all ranks (DeepSpeed averages over ranks)
                 return terms.sum() * (self.world_size / plan.step_samples)
 
             steps.append({**self.engine.train_step(plan.micro_batches, loss_of), "micro_batches": len(plan.micro_batches)})
-        return _update_stats(steps, gaps, log_ratios, logprobs_seconds, time.perf_counter() - started)
+        stats = _update_stats(steps, gaps, log_ratios, logprobs_seconds, time.perf_counter() - started)
+        if any(s.earlier_tokens for s in samples):
+            stats["importance_weight_mean"] = weights.mean().item()
+        return stats
 
-    def _old_logprobs(self, samples: list[Sample], plans: list[StepPlan], source: str,
-                      ) -> tuple[torch.Tensor, list[tuple[float, bool]]]:
-        """log pi_theta_i of each sample (float64; the first step's are filled in by its own forward)
-        and the vLLM-vs-trainer gaps measured on the way."""
+    def _old_logprobs(self, samples: list[Sample], plans: list[StepPlan], settings: PMDSettings,
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, bool]]]:
+        """log pi_theta_i of each sample (float64; the first step's are filled in by its own forward), the
+        samples' importance weights (1 but under partial rollouts' `importance`) and the vLLM-vs-trainer gaps
+        measured on the way."""
         logp_old = torch.zeros(len(samples), dtype=torch.float64)
+        weights = torch.ones(len(samples), dtype=torch.float64)
         gaps: list[tuple[float, bool]] = []
-        if source == "rollout":
+        if settings.old_logprobs == "rollout":
             for i, s in enumerate(samples):
                 if len(s.rollout_logprobs) != len(s.response_ids):
                     raise ValueError(f"old_logprobs='rollout' needs a log-prob per response token: sample {i} has "
                                      f"{len(s.rollout_logprobs)} for {len(s.response_ids)} tokens")
-                logp_old[i] = math.fsum(s.rollout_logprobs)
-            return logp_old, gaps
+                logp_old[i] = math.fsum(s.rollout_logprobs[_context_tokens([s], settings)[0]:])
+            return logp_old, weights, gaps
         with torch.no_grad():
             for plan in plans[1:]:
                 for micro in plan.micro_batches:
@@ -154,10 +179,11 @@ class PMDWorker:
                         self._zero_loss()
                     else:
                         chunk = [samples[i] for i in micro]
-                        seq_logp, token_logps = self._logprobs(chunk)
+                        seq_logp, token_logps = self._logprobs(chunk, _context_tokens(chunk, settings))
                         logp_old[micro] = seq_logp.cpu()
+                        weights[micro] = _weights(token_logps, chunk, settings)
                         gaps.extend(_rollout_gaps(token_logps, chunk))
-        return logp_old, gaps
+        return logp_old, weights, gaps
 
     def _images(self, chunk: list[Sample]):
         """The pixel inputs of a bucket's images, in row order (None for a text model)."""
@@ -171,8 +197,11 @@ class PMDWorker:
         return self.engine.token_logprobs(ids, torch.ones_like(ids), torch.tensor([[0, 1]])).sum() * 0.0
 
     @staticmethod
-    def _num_tokens(chunk: list[Sample], device, norm: str) -> torch.Tensor | None:
-        return torch.tensor([len(s.response_ids) for s in chunk], device=device) if norm == "token" else None
+    def _num_tokens(chunk: list[Sample], device, settings: PMDSettings) -> torch.Tensor | None:
+        if settings.log_ratio_norm != "token":
+            return None
+        context = _context_tokens(chunk, settings)
+        return torch.tensor([len(s.response_ids) - c for s, c in zip(chunk, context, strict=True)], device=device)
 
     def probe_logprobs(self, token_ids: list[int], prompt_len: int, images: list[bytes] | None = None) -> list[float]:
         """Per-token log-probs of `token_ids[prompt_len:]` under the current weights (`images`: the prompt's,
@@ -203,10 +232,27 @@ class PMDWorker:
         self.engine.load_state(in_dir)
 
 
+def _context_tokens(samples: list[Sample], settings: PMDSettings) -> list[int]:
+    """Per sample, the leading response tokens the loss leaves out: the earlier segments' under `mask`."""
+    return [s.earlier_tokens if settings.partial_loss == "mask" else 0 for s in samples]
+
+
+def _weights(token_logps: list[torch.Tensor], samples: list[Sample], settings: PMDSettings) -> torch.Tensor:
+    """Each sample's importance weight (`rl.loss.importance_weights` of its earlier tokens; 1 under `mask`)."""
+    if settings.partial_loss != "importance":
+        return torch.ones(len(samples), dtype=torch.float64)
+    old = torch.stack([t[: s.earlier_tokens].double().sum().cpu() for t, s in zip(token_logps, samples, strict=True)])
+    behaviour = torch.tensor([math.fsum(s.rollout_logprobs[: s.earlier_tokens]) for s in samples], dtype=torch.float64)
+    return importance_weights(old, behaviour, settings.importance_clip)
+
+
 def _rollout_gaps(token_logps: list[torch.Tensor], samples: list[Sample]) -> list[tuple[float, bool]]:
-    """Mean |trainer - vLLM| log-prob over each sample's response tokens, and whether its prompt has images."""
-    return [((t.cpu() - torch.tensor(s.rollout_logprobs)).abs().mean().item(), bool(s.images))
-            for t, s in zip(token_logps, samples, strict=True) if s.rollout_logprobs]
+    """Mean |trainer - vLLM| log-prob over each sample's tokens generated under theta_i (all its response
+    tokens, but under partial rollouts), and whether its prompt has images."""
+    return [((t[s.earlier_tokens :].cpu() - torch.tensor(s.rollout_logprobs[s.earlier_tokens :])).abs().mean().item(),
+             bool(s.images))
+            for t, s in zip(token_logps, samples, strict=True)
+            if s.rollout_logprobs and len(s.response_ids) > s.earlier_tokens]
 
 
 def _update_stats(steps: list[dict], gaps: list[tuple[float, bool]], log_ratios: list[float], logprobs_seconds: float,
