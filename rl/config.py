@@ -13,6 +13,34 @@ from thinkrl.config import Strict
 from thinkrl.run import DataConfig, ModelConfig, RunConfig
 
 
+class PartialRolloutConfig(Strict):
+    """Partial rollouts (Kimi k1.5; rollout.partial, docs/partial-rollouts.md)."""
+
+    segment_tokens: int = Field(
+        0, ge=0, description="tokens one trajectory may generate per iteration; an unfinished one waits in the "
+        "replay buffer and continues in the next iteration under the new weights (0: off, every response is "
+        "generated whole in its iteration)")
+    max_segments: int = Field(4, ge=1, description="a trajectory still unfinished after this many segments is "
+                              "finished as truncated (finish_reason length)")
+    loss: Literal["mask", "importance"] = Field(
+        "mask", description="tokens of a trajectory generated under earlier weights: context only, not trained "
+        "(mask, the k1.5 way), or trained with a clipped importance weight pi_theta_i / behaviour (importance; "
+        "needs rl.old_logprobs=trainer)")
+    importance_clip: float = Field(2.0, gt=0, description="importance: the sample's weight is "
+                                   "min(importance_clip, pi_theta_i(earlier tokens) / behaviour(earlier tokens))")
+
+
+class RepeatConfig(Strict):
+    """Stopping looping samples at decode time (rollout.repeat; rollout/repeat.py has the rule)."""
+
+    enabled: bool = Field(False, description="end a sample as soon as its tail repeats: finish_reason repeat, which "
+                          "the repeat reward penalises; off: loops run to max_tokens")
+    max_period: int = Field(64, ge=1, le=1024, description="longest repeating unit, in tokens")
+    min_repeats: int = Field(3, ge=2, le=1000, description="the unit seen this many times in a row")
+    min_tokens: int = Field(24, ge=1, le=100000, description="the repeating tail spans at least this many tokens "
+                            "(keeps short runs such as 1000000 or a ---- rule legal)")
+
+
 class RolloutConfig(Strict):
     num_engines: int = Field(1, ge=1, description="data-parallel vLLM engines")
     tensor_parallel_size: int = Field(1, ge=1)
@@ -33,6 +61,15 @@ class RolloutConfig(Strict):
     cpu_kv_cache_gb: int = Field(1, ge=1)
     max_engine_restarts: int = Field(3, ge=0, description="engines that die (OOM, a crash) are restarted with the "
                                      "current weights and their step redone, this many times over the run")
+    repeat: RepeatConfig = RepeatConfig()
+    partial: PartialRolloutConfig = PartialRolloutConfig()
+
+    @model_validator(mode="after")
+    def _segment_below_budget(self):
+        if self.partial.segment_tokens >= self.max_tokens:
+            raise ValueError(f"rollout.partial.segment_tokens ({self.partial.segment_tokens}) must be below "
+                             f"rollout.max_tokens ({self.max_tokens}), or 0 (off): no trajectory would ever be cut")
+        return self
 
 
 class RewardConfig(Strict):
@@ -126,3 +163,11 @@ class Recipe(Strict):
     sampler: SamplerConfig = SamplerConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _importance_needs_trainer_logprobs(self):
+        partial = self.rollout.partial
+        if partial.segment_tokens and partial.loss == "importance" and self.rl.old_logprobs != "trainer":
+            raise ValueError("rollout.partial.loss=importance weighs earlier segments by pi_theta_i / behaviour, and "
+                             "pi_theta_i of those tokens comes from the trainer: set rl.old_logprobs=trainer")
+        return self
