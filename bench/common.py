@@ -156,10 +156,12 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", script_s, *sys.argv[1:]])
 
 
-def tiny_run(kind: str, sft_steps: int | None, overrides: tuple[str, ...] = (), log=print):
+def tiny_run(kind: str, sft_steps: int | None, overrides: tuple[str, ...] = (), log=print,
+             recipe_file: str = "tiny.yaml"):
     """The tiny recipe's data and SFT warmup for `kind` ('tiny-dense' / 'tiny-moe'), cached in WORK_DIR.
 
-    `sft_steps` None: the recipe's own warmup length.
+    `sft_steps` None: the recipe's own warmup length. `recipe_file`: another recipe of recipes/ (its own
+    data and warm-up: cached under its name).
     Returns (recipe, run, sft_checkpoint, warmup data: `sft.train.Warmup`). Every benchmark that needs "the tiny recipe's real length
     distribution" starts from this checkpoint: a random model has no length distribution worth the
     name (it writes until max_tokens). A warmup that finished before is reused (rl.train's own rule).
@@ -169,10 +171,11 @@ def tiny_run(kind: str, sft_steps: int | None, overrides: tuple[str, ...] = (), 
     from sft.train import run_warmup
     from thinkrl.config import load_recipe
 
-    path = str(ROOT / "recipes" / "tiny.yaml")
+    path = str(ROOT / "recipes" / recipe_file)
     if sft_steps is None:
         sft_steps = load_recipe(Recipe, path).sft.steps
-    out = WORK_DIR / f"{kind}-sft{sft_steps}"
+    prefix = "" if recipe_file == "tiny.yaml" else recipe_file.removesuffix(".yaml") + "-"
+    out = WORK_DIR / f"{prefix}{kind}-sft{sft_steps}"
     recipe = load_recipe(Recipe, path, [f"run.output_dir={out}", f"model.name_or_path={kind}",
                                         f"sft.steps={sft_steps}", *overrides])
     run, warmup = prepare(recipe)

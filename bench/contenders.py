@@ -49,12 +49,10 @@ class ThinkrlLoop:
         from rl.loop import run_iteration
 
         self.done += 1
-        rl = self.recipe.rl
         start = time.perf_counter()
         record = run_iteration(self.loop, self.done)
         wall = time.perf_counter() - start
-        n = rl.prompts_per_iteration * rl.samples_per_prompt
-        tokens = record["train/response_tokens_mean"] * n
+        tokens = record["rollout/tokens_generated"]
         stages = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("time/") and k != "time/iteration"}
         # time/update (the driver's wall time) = shipping samples and stats through Ray + the trainer's own
         # update call, which includes the recompute of log pi_theta_i (time/update_logprobs)

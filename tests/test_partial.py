@@ -297,9 +297,8 @@ def test_cut_trajectories_continue_from_their_tokens_under_the_new_weights(parti
 @pytest.mark.integration
 def test_the_replay_buffer_is_in_the_checkpoint_and_a_resume_continues_it(partial_loop):
     from rl.checkpoint import latest_checkpoint, save_checkpoint
-    from rl.setup import build_loop
-
     from rl.loop import roll_out
+    from rl.setup import build_loop
 
     recipe, run, loop = partial_loop
     roll_out(loop, 4)  # leaves the new groups' first segments in the buffer
