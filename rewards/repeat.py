@@ -5,7 +5,10 @@ A response loops when a large share of its word n-grams are repeats of earlier o
 repeat_share >= `threshold` score -1.0 (reason "repeats: share 0.83"), others 0.0. Words, not tokens:
 the reward sees text only, and a loop of tokens is a loop of words. Binary on purpose, so that it
 cannot be farmed by shaving repeats off a response that is mostly a loop; scale it with the spec weight.
-(`rollout` can also stop a looping generation early; this is the reward side of that.)
+
+A response the engine stopped at decode time because its tail looped (`rollout.repeat`; finish_reason
+"repeat") scores -1 whatever its words (reason "stopped looping at decode"): it was cut right where the loop
+became certain, often before the word n-grams could show it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class RepeatPenalty:
         self.ngram, self.threshold, self.min_words = int(ngram), float(threshold), int(min_words)
 
     def __call__(self, sample: RewardInput) -> RewardResult:
+        if sample.finish_reason == "repeat":
+            return RewardResult(-1.0, "stopped looping at decode")
         if len(sample.response.split()) < self.min_words:
             return RewardResult(0.0, "short")
         share = repeat_share(sample.response, self.ngram)

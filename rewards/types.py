@@ -53,6 +53,9 @@ class RewardInput:
     metadata:   anything else from the data row (difficulty, source, ...); must be picklable.
     correct:    filled in by `RewardSet` before group rewards run: the correctness verdict of the
                 set's correctness reward (None for per-sample rewards, which run first).
+    finish_reason: how the generation ended: "stop" (the model ended it), "length" (out of budget),
+                "repeat" (stopped at decode time because its tail looped, `rollout.repeat`); "" when unknown
+                (a scored file, a hand-made input).
     """
 
     prompt: str
@@ -61,6 +64,7 @@ class RewardInput:
     num_tokens: int = 0
     metadata: Mapping[str, Any] = field(default_factory=dict)
     correct: bool | None = None
+    finish_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,15 @@ def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSetti
 
 
 def reward_inputs(rows: list[dict], groups: list[list[Completion]]) -> list[list[RewardInput]]:
-    """What the rewards see of each completion: its row's prompt, answer and other fields, the text, the length."""
+    """What the rewards see of each completion: its row's prompt, answer and other fields, the text, the length
+    and how it ended."""
     from rewards.types import RewardInput
 
     out = []
     for row, group in zip(rows, groups, strict=True):
         metadata = {k: v for k, v in row.items() if k not in ("prompt", "answer")}  # images: their paths
-        out.append([RewardInput(row["prompt"], c.text, row["answer"], len(c.token_ids), metadata) for c in group])
+        out.append([RewardInput(row["prompt"], c.text, row["answer"], len(c.token_ids), metadata,
+                                finish_reason=c.finish_reason) for c in group])
     return out
 
 

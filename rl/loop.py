@@ -61,13 +61,14 @@ class LoopSettings:
     def from_recipe(cls, recipe: Recipe) -> LoopSettings:
         from rl.trainer import PMDSettings
         from rollout.engine import RolloutSettings
+        from rollout.repeat import repeat_settings_of
 
         rl, ro = recipe.rl, recipe.rollout
         partial = ro.partial.segment_tokens > 0
         return cls(
             prompts_per_iteration=rl.prompts_per_iteration,
             rollout=RolloutSettings(n=rl.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
-                                    max_tokens=ro.max_tokens),
+                                    max_tokens=ro.max_tokens, repeat=repeat_settings_of(ro.repeat)),
             seed=recipe.run.seed, tau=rl.tau, baseline=rl.baseline, mini_batches=rl.mini_batches,
             num_trainers=rl.num_trainers, max_tokens_per_micro_batch=rl.max_tokens_per_micro_batch,
             drop_uniform_groups=rl.drop_uniform_groups, samples_to_log=rl.samples_to_log,
@@ -257,6 +258,8 @@ def iteration_record(loop: Loop, scored: Scored, kept: list[int], stats_per_rank
         "train/response_tokens_mean": sum(lengths) / len(lengths),
         "train/response_tokens_max": max(lengths),
         "train/truncated_share": sum(c.finish_reason == "length" for g in scored.groups for c in g) / len(lengths),
+        # stopped by rollout.repeat at decode time (of the finished samples)
+        "rollout/repeat_share": sum(c.finish_reason == "repeat" for g in scored.groups for c in g) / len(lengths),
         # response tokens of the samples in the update, and those of them the loss takes a gradient of
         "train/response_tokens_in_update": sum(n for n, _ in trained),
         "train/tokens_trained": sum(n - e if masked else n for n, e in trained),

@@ -155,10 +155,11 @@ def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: R
     """Held-out accuracy and length with the recipe's eval decoding (the same seed every time), logged."""
     from rl.generation import evaluate
     from rollout.engine import RolloutSettings
+    from rollout.repeat import repeat_settings_of
 
     ev = recipe.eval
     settings = RolloutSettings(n=ev.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
-                               max_tokens=ev.max_tokens, seed=EVAL_SEED)
+                               max_tokens=ev.max_tokens, seed=EVAL_SEED, repeat=repeat_settings_of(recipe.rollout.repeat))
     t0 = time.time()
     images = [loop.images.get(r.get("images") or []) for r in run.heldout_rows]
     result = loop.with_engines(lambda: evaluate(loop.engines, loop.rewards, heldout, run.heldout_rows, settings,

