@@ -73,6 +73,7 @@ from typing import Protocol
 from rewards.math import last_braced
 from thinkrl.chunks import ChunkedOutput
 from thinkrl.fileio import DataError, atomic_directory, atomic_write_json, atomic_write_text, text_problem
+from thinkrl.tasks.arithmetic import NO_RECHECKS, Rechecks, parse_question, teacher_solution
 
 URL_PREFIXES = ("http://", "https://", "data:")  # image references passed on as they are, not read here
 OWN_IMAGES = "images"  # <output>/images: the rows' image bytes, written here as files
@@ -186,20 +187,22 @@ class Teacher(Protocol):
 
 
 class ArithmeticTeacher:
-    """The programmatic long-CoT teacher of `thinkrl.tasks.arithmetic` (reads the bare question)."""
+    """The programmatic long-CoT teacher of `thinkrl.tasks.arithmetic` (reads the bare question).
 
-    def __init__(self, slip_rate: float = 0.15, fix_rate: float = 0.5) -> None:
-        self.slip_rate, self.fix_rate = slip_rate, fix_rate
+    `rechecks`: the teacher's re-check loops (a long tail of trace lengths; off by default).
+    """
+
+    def __init__(self, slip_rate: float = 0.15, fix_rate: float = 0.5, rechecks: Rechecks = NO_RECHECKS) -> None:
+        self.slip_rate, self.fix_rate, self.rechecks = slip_rate, fix_rate, rechecks
 
     def sample(self, prompts: list[list[dict]], k: int, seed: int) -> list[list[str]]:
-        from thinkrl.tasks.arithmetic import parse_question, teacher_solution
-
         out = []
         for p, messages in enumerate(prompts):
             question = messages[-1]["raw_question"]
             rng = random.Random(f"{seed}-{p}")
             problem = parse_question(question)
-            out.append([teacher_solution(problem, rng, self.slip_rate, self.fix_rate) for _ in range(k)])
+            out.append([teacher_solution(problem, rng, self.slip_rate, self.fix_rate, self.rechecks)
+                        for _ in range(k)])
         return out
 
 
@@ -653,6 +656,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm")
     p.add_argument("--slip-rate", type=float, default=0.15, help="arithmetic teacher")
     p.add_argument("--fix-rate", type=float, default=0.5, help="arithmetic teacher")
+    p.add_argument("--recheck-rate", type=float, default=0.0, help="arithmetic teacher: chance a trace re-checks")
+    p.add_argument("--recheck-repeat", type=float, default=0.0, help="arithmetic teacher: chance of one more re-check")
+    p.add_argument("--max-rechecks", type=int, default=8, help="arithmetic teacher: most re-checks in one trace")
     p.add_argument("-k", "--samples", type=int, default=4, help="traces sampled per question")
     p.add_argument("--keep", default="shortest", choices=KEEP_MODES)
     p.add_argument("--reward", default="math",
@@ -673,7 +679,10 @@ def _arg_parser() -> argparse.ArgumentParser:
 def _teacher_from_args(p: argparse.ArgumentParser, a: argparse.Namespace, sampling: dict) -> Teacher:
     """The teacher `--teacher` names, with its flags; a missing required flag is a usage error (exit 2)."""
     if a.teacher == "arithmetic":
-        return make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate)
+        if not (0 <= a.recheck_rate <= 1 and 0 <= a.recheck_repeat <= 1 and a.max_rechecks >= 1):
+            p.error("--recheck-rate and --recheck-repeat must be in [0, 1] and --max-rechecks at least 1")
+        return make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate,
+                            rechecks=Rechecks(a.recheck_rate, a.recheck_repeat, a.max_rechecks))
     if a.teacher == "vllm":
         if not a.model:
             p.error("--teacher vllm needs --model (a local model folder)")

@@ -37,6 +37,11 @@ class SFTConfig(Strict):
     slip_rate: float = Field(0.15, ge=0, le=1, description="embedded task's teacher: chance a step (arithmetic) or "
                              "a quadrant's count (shapes) slips by one")
     fix_rate: float = Field(0.5, ge=0, le=1, description="embedded task's teacher: chance a slip is caught")
+    recheck_rate: float = Field(0.0, ge=0, le=1, description="arithmetic teacher: chance a trace re-checks its whole "
+                                "chain after the final check ('Wait, let me re-check: ...'); 0: never (off)")
+    recheck_repeat: float = Field(0.0, ge=0, le=1, description="arithmetic teacher: chance each re-check is followed "
+                                  "by another, so the count is geometric: a heavy tail of trace lengths")
+    max_rechecks: int = Field(8, ge=1, le=100, description="arithmetic teacher: most re-checks in one trace")
     steps: int = Field(400, ge=1, description="optimizer steps of the first stage")
     batch_size: int = Field(32, ge=1, description="examples per optimizer step (all ranks together)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate of the first stage")

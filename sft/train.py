@@ -25,6 +25,7 @@ from pathlib import Path
 from sft.config import SFTConfig, TrainerResources
 from thinkrl.fileio import atomic_directory, atomic_write_json
 from thinkrl.metrics import truncate_jsonl
+from thinkrl.tasks.arithmetic import NO_RECHECKS, Rechecks
 
 
 def optim_config(sft: SFTConfig, frozen: tuple[str, ...] = ()):
@@ -243,19 +244,25 @@ def load_sft_examples(sft, tokenizer, log=print, vision=None) -> tuple[list, lis
 
 def build_task_sft_data(prompt_rows: list[dict], out_dir: Path, seed: int, slip_rate: float,
                         fix_rate: float, samples_per_row: int = 1, verify: bool = False,
-                        log=print) -> Path:
+                        log=print, rechecks: Rechecks = NO_RECHECKS) -> Path:
     """An embedded task's warmup data through the dataset builder with the task's programmatic teacher.
 
     `prompt_rows` are `arithmetic.make_rows` rows, or `shapes.make_rows` rows (with `images`: the shapes
     teacher). `verify=False` keeps every trace (reward 'none'): the teacher's slips are part of the
-    recipe. Returns the `data.jsonl` path (`sft.data_file`); resumable and idempotent like every build.
+    recipe. `rechecks`: the arithmetic teacher's re-check loops (the shapes teacher has none: ValueError).
+    Returns the `data.jsonl` path (`sft.data_file`); resumable and idempotent like every build.
     """
     from sft.build_cot import ArithmeticTeacher, Question, build_dataset
     from thinkrl.tasks.shapes import ShapesTeacher
 
     questions = [Question(r["id"], r["prompt"], r["answer"], list(r.get("images") or [])) for r in prompt_rows]
-    teacher_class = ShapesTeacher if any(q.images for q in questions) else ArithmeticTeacher
-    build_dataset(questions, out_dir, teacher_class(slip_rate, fix_rate), k=samples_per_row, keep="all",
+    if any(q.images for q in questions):
+        if rechecks.rate:
+            raise ValueError("sft.recheck_rate: only the arithmetic teacher re-checks; set it to 0 for the shapes task")
+        teacher = ShapesTeacher(slip_rate, fix_rate)
+    else:
+        teacher = ArithmeticTeacher(slip_rate, fix_rate, rechecks)
+    build_dataset(questions, out_dir, teacher, k=samples_per_row, keep="all",
                   reward="math" if verify else "none", seed=seed, chunk_size=1000, reward_workers=1,
                   progress=False, log=log)
     return Path(out_dir) / "data.jsonl"
@@ -297,7 +304,9 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
                                        min_count=data.min_count, max_count=data.max_count,
                                        max_distractors=data.max_distractors,
                                        exclude={shapes.row_key(r) for r in run.heldout_rows})
-        data_file = build_task_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log)
+        rechecks = Rechecks(sft.recheck_rate, sft.recheck_repeat, sft.max_rechecks)
+        data_file = build_task_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log,
+                                        rechecks=rechecks)
     vision = None
     if is_vl(run.base_model):
         from thinkrl.vl.inputs import VisionInputs

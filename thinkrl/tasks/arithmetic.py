@@ -10,6 +10,12 @@ per step, a reflection that catches and corrects a slip ("Wait, ..."), a final c
 by one with probability `slip_rate`, and only a share `fix_rate` of slips is caught by the reflection.
 A model warmed up on these traces inherits the slips; RL with a correctness reward is what lets the
 policy become better than its teacher, which is what the demo measures.
+
+`Rechecks` gives the teacher a second habit of long-CoT models, off by default: after its final check it
+sometimes re-checks the whole chain, and sometimes again and again ("Wait, let me re-check: ..."). The
+number of re-checks is geometric, so a minority of traces is several times longer than the median: the
+long tail of response lengths that partial rollouts exist for (`recipes/tiny-longtail.yaml`). A policy
+warmed up on them inherits the loop, since only the chance of one more re-check is there to learn.
 """
 
 from __future__ import annotations
@@ -104,13 +110,58 @@ def parse_question(question: str) -> Problem:
     return Problem(tuple(terms), tuple(ops))
 
 
-def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.15, fix_rate: float = 0.5) -> str:
+@dataclass(frozen=True)
+class Rechecks:
+    """How often the teacher re-checks its whole chain after the final check (off: `rate` 0).
+
+    A trace re-checks with probability `rate`; each re-check is followed by another with probability
+    `repeat`, up to `most` in all. So P(at least k re-checks) = rate * repeat**(k - 1): a geometric tail
+    whose length the loop's one decision (one more, or stop) sets, which is what a warmed-up policy can
+    learn to imitate.
+
+    >>> text = teacher_solution(parse_question("7+5-3=?"), random.Random(0), slip_rate=0.0,
+    ...                         rechecks=Rechecks(rate=1.0, repeat=0.0))
+    >>> print(text)
+    <think>Plan: 2 steps.
+    7+5=12
+    12-3=9
+    Check: 9+3=12.
+    Wait, let me re-check: 7+5=12, 12-3=9.</think>\\boxed{9}
+    """
+
+    rate: float = 0.0
+    repeat: float = 0.0
+    most: int = 8
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.rate <= 1 and 0 <= self.repeat <= 1 and self.most >= 1):
+            raise ValueError(f"Rechecks needs rate and repeat in [0, 1] and most >= 1, got {self}")
+
+    def draw(self, rng: random.Random) -> int:
+        """The number of re-checks of one trace. Draws nothing from `rng` when off, so traces without
+        re-checks are the same, byte for byte, as before the option existed."""
+        if self.rate == 0 or rng.random() >= self.rate:
+            return 0
+        count = 1
+        while count < self.most and rng.random() < self.repeat:
+            count += 1
+        return count
+
+
+NO_RECHECKS = Rechecks()
+
+
+def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.15, fix_rate: float = 0.5,
+                     rechecks: Rechecks = NO_RECHECKS) -> str:
     """A worked long-CoT solution (the assistant message content) for `problem`.
 
     Each step's result slips by +-1 with probability `slip_rate`; a slip is caught by a reflection
     line and corrected with probability `fix_rate`, otherwise the chain carries on from the wrong value.
+    After the final check the teacher re-checks the chain as it believes it (an uncaught slip stays)
+    `rechecks.draw(rng)` times: the re-checks lengthen the trace and never change the answer.
     """
     lines = [f"Plan: {problem.difficulty} steps."]
+    steps = []
     value = problem.terms[0]
     for op, term in zip(problem.ops, problem.terms[1:], strict=True):
         result = value + term if op == "+" else value - term
@@ -123,16 +174,18 @@ def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.
                 result = wrong
         else:
             lines.append(f"{value}{op}{term}={result}")
+        steps.append(f"{value}{op}{term}={result}")
         value = result
     if problem.ops:
         last = problem.terms[-1]
         undo, back = ("-", value - last) if problem.ops[-1] == "+" else ("+", value + last)
         lines.append(f"Check: {value}{undo}{last}={back}.")
+        lines += [f"Wait, let me re-check: {', '.join(steps)}."] * rechecks.draw(rng)
     return "<think>" + "\n".join(lines) + "</think>\\boxed{" + str(value) + "}"
 
 
 def sft_conversations(rows: list[dict], seed: int, samples_per_row: int = 1, slip_rate: float = 0.15,
-                      fix_rate: float = 0.5) -> list[dict]:
+                      fix_rate: float = 0.5, rechecks: Rechecks = NO_RECHECKS) -> list[dict]:
     """ChatML conversations (`{"messages": [...]}`) with teacher solutions for the SFT warmup."""
     rng = random.Random(seed)
     out = []
@@ -143,7 +196,7 @@ def sft_conversations(rows: list[dict], seed: int, samples_per_row: int = 1, sli
                 {
                     "messages": [
                         {"role": "user", "content": row["prompt"]},
-                        {"role": "assistant", "content": teacher_solution(problem, rng, slip_rate, fix_rate)},
+                        {"role": "assistant", "content": teacher_solution(problem, rng, slip_rate, fix_rate, rechecks)},
                     ],
                     "answer": row["answer"],
                 }
