@@ -12,8 +12,9 @@ Throughput = response tokens of the samples in the update per wall-second of the
 are context, counted here as the samples' tokens and reported apart as `tokens_trained`). The ratio is
 taken over windows of `--window` rounds (each window: the tokens and wall time of both loops over the
 same rounds) and reported as min / median / max, and over the whole run. The first round of each loop
-is not counted (first-call costs), nor, for the partial loop, are its first `max_segments` iterations
-(the buffer fills: fewer groups finish than start).
+is not counted (first-call costs). The partial loop's next iterations are counted although its buffer
+is still filling (fewer groups finish than start), and the work left in its buffer at the end is not
+credited: both err against partial rollouts.
 """
 
 from __future__ import annotations
@@ -123,8 +124,7 @@ def main(argv=None) -> int:
 
 def summarize(args, contenders: dict, max_segments: int, recipe) -> dict:
     """Throughput of each loop over the counted iterations, the ratios, the length distribution."""
-    skip = {"partial": 1 + max_segments, "sync": 1}
-    counted = {n: c.records[skip[n]:] for n, c in contenders.items()}
+    counted = {n: c.records[1:] for n, c in contenders.items()}
     n = min(len(v) for v in counted.values())
     loops = {}
     for name, recs in counted.items():

@@ -438,6 +438,62 @@ def section_vl(out: list[str], status: dict) -> None:
                "in-process trainer does not pay the Ray hop that ships the samples to a trainer actor.\n")
 
 
+def section_partial(out: list[str], status: dict) -> None:
+    out.append("## 9. Partial rollouts vs synchronous roll-outs (long-tail recipe)\n")
+    r = load("partial_rollouts")
+    if not r:
+        out.append(missing("partial_rollouts", status))
+        return
+    out.append(f"`{r['command']}`\n")
+    out.append(f"Both loops start from the warm-up of `recipes/{r['recipe']}` ({r['prompts_per_iteration']} prompts x "
+               f"{r['samples_per_prompt']} samples per iteration, responses of at most {r['max_tokens']} tokens) and are "
+               f"stepped alternately in one process until each has trained on {r['samples_target']} samples. Partial: "
+               f"`rollout.partial.segment_tokens={r['segment_tokens']}`, `max_segments={r['max_segments']}`, "
+               f"`loss={r['loss']}`. Throughput = response tokens of the samples in the update per wall-second of the "
+               "iterations (all of a sample's tokens; `trained` counts only those with a gradient).\n")
+    table_header(out, "| loop | iterations (counted) | samples trained | tokens in update / s | tokens trained / s | "
+                      "tokens generated / s | iteration s (min / median / max) | held-out accuracy | held-out mean tokens |")
+    for name, x in r["loops"].items():
+        it, h = x["iteration_s"], x.get("heldout", {})
+        out.append(f"| {name} | {x['iterations']} ({x['counted']}) | {x['samples_trained']} | "
+                   f"{x['tokens_in_update_per_s']:.0f} | {x['tokens_trained_per_s']:.0f} | {x['tokens_generated_per_s']:.0f} | "
+                   f"{it['min']:.1f} / {it['median']:.1f} / {it['max']:.1f} | {h.get('accuracy', float('nan')):.3f} | "
+                   f"{h.get('mean_response_tokens', float('nan')):.1f} |")
+    out.append("")
+    w = r.get("throughput_ratio_windows")
+    out.append(f"Partial / synchronous, tokens in update per second: **{r['throughput_ratio_overall']:.2f}** over the "
+               "counted iterations" + (f" (windows of rounds: {fmt_ratio(w)})" if w else "") + f"; goal >= 1.5: "
+               f"{goal(r['goals']['throughput_ratio_ge_1_5'])}. Held-out accuracy after training ({r['heldout_problems']} "
+               f"problems): partial minus synchronous = {r['accuracy_gap_points']:+.1f} points; goal within 2: "
+               f"{goal(r['goals']['accuracy_within_2_points'])}.\n")
+
+
+def section_repeat(out: list[str], status: dict) -> None:
+    out.append("## 10. Repeat detection at decode time: its cost when nothing repeats\n")
+    r = load("repeat_detection")
+    if not r:
+        out.append(missing("repeat_detection", status))
+        return
+    st = r["settings"]
+    out.append(f"`{r['command']}`\n")
+    out.append(f"The tiny recipe's warm-up, {st['prompts']} prompts x {st['k']} samples of at most {st['max_tokens']} "
+               f"tokens, three engines' settings in rotation ({st['reps']} rounds): detection on "
+               f"(max_period {st['repeat']['max_period']}, min_repeats {st['repeat']['min_repeats']}, min_tokens "
+               f"{st['repeat']['min_tokens']}), the processor registered but tracking nothing, and an engine without "
+               "it. The share of wall time spent inside the processor is timed in the engine's worker (the "
+               "reliable figure: on this shared machine tokens/s swings by tens of percent between rounds).\n")
+    table_header(out, "| measurement | median (min, max, n) |")
+    out.append(f"| time in the processor / roll-out time, detection on | {fmt_ratio(r['processor_share_on'], 4)} |")
+    out.append(f"| time in the processor / roll-out time, registered, nothing tracked | "
+               f"{fmt_ratio(r['processor_share_idle'], 5)} |")
+    out.append(f"| tokens/s, detection on / no processor | {fmt_ratio(r['ratio_on_over_off'])} |")
+    out.append(f"| tokens/s, detection on / registered, idle | {fmt_ratio(r['ratio_on_over_idle'])} |")
+    out.append(f"| samples stopped as loops (detection on) | {r['repeat_share_on']['median']:.3f} |")
+    out.append("")
+    ok = r["processor_share_on"]["median"] < 0.05
+    out.append(f"Goal: under 5% of roll-out tokens/s when nothing repeats: {goal(ok)}.\n")
+
+
 def summary() -> list[str]:
     """One row per ratio the suite measures, with its goal."""
     rows = []
@@ -485,6 +541,17 @@ def summary() -> list[str]:
         rows.append(("8. VL rollout layer / raw vLLM tokens/s (image prompts)", r["rollout"]["ratio"], ">= 0.95",
                      r["rollout"]["ratio"]["median"] >= 0.95))
         rows.append(("8. VL trainer tokens/s, with images / text-only", r["trainer"]["ratio"], "", None))
+    r = load("partial_rollouts")
+    if r:
+        rows.append((f"9. RL tokens in update / s, partial rollouts / synchronous (segment {r['segment_tokens']})",
+                     r.get("throughput_ratio_windows") or {"median": r["throughput_ratio_overall"],
+                                                          "min": r["throughput_ratio_overall"],
+                                                          "max": r["throughput_ratio_overall"], "n": 1},
+                     ">= 1.5", r["goals"]["throughput_ratio_ge_1_5"]))
+    r = load("repeat_detection")
+    if r:
+        rows.append(("10. time in repeat detection / roll-out time (nothing repeats)", r["processor_share_on"], "< 0.05",
+                     r["processor_share_on"]["median"] < 0.05))
     if not rows:
         return []
     out = ["## Summary\n"]
@@ -526,7 +593,7 @@ def build(status: dict) -> str:
         out.append("")
     out.extend(summary())
     for section in (section_throughput, section_rollout, section_sync, section_trainer, section_rewards,
-                    section_learning, section_gpu, section_vl):
+                    section_learning, section_gpu, section_vl, section_partial, section_repeat):
         try:
             section(out, status)
         except (KeyError, TypeError, ValueError) as e:  # a result file of an older format: say so, go on
