@@ -310,3 +310,26 @@ def test_the_replay_buffer_is_in_the_checkpoint_and_a_resume_continues_it(partia
     assert resumed.buffer.state_dict() == loop.buffer.state_dict() and resumed.buffer.groups
     assert [(r.prompt_ids, r.max_tokens) for r in resumed.buffer.requests(resumed.train_prompts)] == \
         [(r.prompt_ids, r.max_tokens) for r in loop.buffer.requests(loop.train_prompts)]
+
+
+@pytest.mark.integration
+def test_an_importance_update_weighs_the_samples_that_span_two_weights(partial_loop):
+    import dataclasses
+
+    from rl.loop import run_iteration
+
+    _, _, loop = partial_loop
+    settings = loop.settings
+    loop.settings = dataclasses.replace(settings, pmd=dataclasses.replace(settings.pmd, partial_loss="importance"))
+    try:
+        while not loop.buffer.groups:  # groups in flight, so that the next iteration trains partial samples
+            run_iteration(loop, 20)
+        record = run_iteration(loop, 21)
+    finally:
+        loop.settings = settings
+    assert record["train/groups_in_update"] > 0 and record["rollout/partial/partial_sample_share"] > 0
+    # every token is trained; the weights are the clipped ratios of the earlier segments (behaviour: the
+    # engines' log-probs then; pi_theta_i: the trainer's now), all in (0, clip]
+    assert record["train/tokens_trained"] == record["train/response_tokens_in_update"]
+    assert 0 < record["losses/importance_weight_mean"] <= settings.pmd.importance_clip
+    assert record["sync/probe_gap_after_sync"] < 1e-3
