@@ -72,6 +72,8 @@ def _kill_actor(tree: dict[tuple[int, str], str], title: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+# five start-ups of a whole run: ~10 min alone, past the suite's 15-minute limit per test on a loaded machine
+@pytest.mark.timeout(1800)
 def test_killed_runs_and_actors_leave_nothing_running_and_resume_to_one_record_per_step(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     for n, (marker, delay) in enumerate([("[sft] step 10/15", 0.0), ("[rl] probe gap on identical weights", 0.3)]):
