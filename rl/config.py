@@ -75,7 +75,7 @@ class RolloutConfig(Strict):
 class RewardConfig(Strict):
     rewards: RewardSpecs = Field(
         default_factory=lambda: [RewardSpec(name="math")],
-        description="weighted rewards: built-in names (math, length, format, code, repeat), entry points of "
+        description="weighted rewards: built-in names (math, length, format, code, repeat, reasoning_gym), entry points of "
         "group thinkrl.rewards, or module:attr paths; e.g. [math, {name: length, weight: 0.1, warmup_iterations: 10}]")
     num_workers: int = Field(2, ge=1, description="reward worker processes (beside the driver, or per host)")
     hosts: int = Field(0, ge=0, description="reward hosts: Ray actors on the cluster's nodes, each running "

@@ -47,13 +47,23 @@ def reward_inputs(rows: list[dict], groups: list[list[Completion]]) -> list[list
 
 def evaluate(engines: list, reward_set: RewardSet, prompts_ids: list[list[int]], rows: list[dict],
              settings: RolloutSettings, iteration: int, images: list[list[bytes]] | None = None) -> dict:
-    """Held-out accuracy (mean correctness over `settings.n` samples per prompt) and mean response length."""
+    """Held-out accuracy (mean correctness over `settings.n` samples per prompt) and mean response length;
+    rows of several tasks (a `task` field, as reasoning-gym rows have) get `accuracy_by_task` too."""
     groups = generate(engines, prompts_ids, settings, images)
-    verdicts = [v for g in reward_set.verdicts(reward_inputs(rows, groups), iteration=iteration) for v in g]
+    per_prompt = reward_set.verdicts(reward_inputs(rows, groups), iteration=iteration)
+    verdicts = [v for g in per_prompt for v in g]
     lengths = [len(c.token_ids) for g in groups for c in g]
-    return {
+    result = {
         "accuracy": sum(verdicts) / len(verdicts),
         "mean_response_tokens": sum(lengths) / len(lengths),
         "n_prompts": len(prompts_ids),
         "samples_per_prompt": settings.n,
     }
+    tasks = [row.get("task") for row in rows]
+    if any(isinstance(t, str) for t in tasks):
+        by_task: dict[str, list[bool]] = {}
+        for task, group in zip(tasks, per_prompt, strict=True):
+            by_task.setdefault(str(task), []).extend(group)
+        result["accuracy_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+        result["n_prompts_by_task"] = {t: len(v) // settings.n for t, v in sorted(by_task.items())}
+    return result

@@ -166,7 +166,11 @@ def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: R
                                                 iteration=recipe.rl.iterations, images=images), "evaluation")
     result["wall_seconds"] = time.time() - t0
     log(f"[eval] {when}: accuracy {result['accuracy']:.3f}  mean length {result['mean_response_tokens']:.1f} tokens")
-    metrics.log(step, {"eval/accuracy": result["accuracy"], "eval/mean_response_tokens": result["mean_response_tokens"]})
+    by_task = result.get("accuracy_by_task", {})
+    if by_task:
+        log("[eval]   by task: " + "  ".join(f"{t} {a:.3f}" for t, a in by_task.items()))
+    metrics.log(step, {"eval/accuracy": result["accuracy"], "eval/mean_response_tokens": result["mean_response_tokens"],
+                       **{f"eval/accuracy/{t}": a for t, a in by_task.items()}})
     return result
 
 
@@ -195,6 +199,8 @@ def make_report(recipe: Recipe, state: dict, wall: dict, final: Path, run_dir: P
         "mean_response_tokens_before_rl": before["mean_response_tokens"],
         "mean_response_tokens_after_rl": after["mean_response_tokens"],
         "n_heldout": before["n_prompts"],
+        **({"accuracy_by_task_before_rl": before["accuracy_by_task"], "accuracy_by_task_after_rl": after["accuracy_by_task"],
+            "n_heldout_by_task": before["n_prompts_by_task"]} if "accuracy_by_task" in before else {}),
         "eval_decoding": {"samples_per_prompt": recipe.eval.samples_per_prompt, "temperature": recipe.eval.temperature,
                           "top_p": recipe.eval.top_p, "max_tokens": recipe.eval.max_tokens, "seed": EVAL_SEED},
         "rl_iterations": recipe.rl.iterations,

@@ -82,6 +82,9 @@ def submit_and_report(args: argparse.Namespace, env: dict) -> int:
     print("\n[demo] report ({} held-out problems; {} samples each at temperature {})".format(
         report["n_heldout"], report["eval_decoding"]["samples_per_prompt"], report["eval_decoding"]["temperature"]))
     print(f"  held-out accuracy       {report['accuracy_before_rl']:.3f} -> {report['accuracy_after_rl']:.3f}")
+    for task, before in report.get("accuracy_by_task_before_rl", {}).items():
+        print(f"    {task:<21} {before:.3f} -> {report['accuracy_by_task_after_rl'][task]:.3f}  "
+              f"({report['n_heldout_by_task'][task]} problems)")
     print(f"  mean response tokens    {report['mean_response_tokens_before_rl']:.1f} -> "
           f"{report['mean_response_tokens_after_rl']:.1f}")
     print("  wall seconds            " + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_seconds"].items()))

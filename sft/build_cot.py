@@ -66,7 +66,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -107,10 +107,14 @@ def gold_answer(raw, answer_format: str = "auto") -> str:
 
 @dataclass
 class Question:
+    """A question to build traces for. `metadata`: the row's other fields (a reasoning-gym row's `task` and
+    `rg_metadata`), what the verifying reward sees as `RewardInput.metadata` beside the id."""
+
     id: str
     question: str
     answer: str
     images: list[str]
+    metadata: dict = field(default_factory=dict)
 
 
 def read_questions(path: str | Path, question_field: str = "question", answer_field: str = "answer",
@@ -143,7 +147,9 @@ def read_questions(path: str | Path, question_field: str = "question", answer_fi
             raise DataError(f"{path}:{index}: field {answer_field!r}: {e}") from None
         images = (_question_images(row, image_field, base_dir, f"{path}:{index}", question_field, image_dir,
                                    image_root) if image_field else [])
-        out.append(Question(str(row.get(id_field, f"q{position}")), str(row[question_field]), answer, images))
+        known = {question_field, answer_field, id_field, image_field}
+        out.append(Question(str(row.get(id_field, f"q{position}")), str(row[question_field]), answer, images,
+                            {k: v for k, v in row.items() if k not in known}))
     return out
 
 
@@ -369,8 +375,12 @@ class OpenAITeacher:
 
 
 def make_teacher(kind: str, **options) -> Teacher:
-    """A teacher by name: 'arithmetic', 'vllm' or 'openai', with that class's keyword options."""
-    classes = {"arithmetic": ArithmeticTeacher, "vllm": VLLMTeacher, "openai": OpenAITeacher}
+    """A teacher by name: 'arithmetic', 'reasoning_gym' (the programmatic teachers of a few reasoning-gym
+    tasks), 'vllm' or 'openai', with that class's keyword options."""
+    from thinkrl.tasks.reasoning_gym import ReasoningGymTeacher
+
+    classes = {"arithmetic": ArithmeticTeacher, "reasoning_gym": ReasoningGymTeacher, "vllm": VLLMTeacher,
+               "openai": OpenAITeacher}
     if kind not in classes:
         raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(classes)}")
     return classes[kind](**options)
@@ -429,7 +439,8 @@ def _verify(reward_set, questions: list[Question], traces: list[list[str]],
         return [[True] * len(t) for t in traces], [[False] * len(t) for t in traces]
     from rewards.types import RewardInput
 
-    groups = [[RewardInput(q.question, text, q.answer, n, {"id": q.id}) for text, n in zip(texts, ns, strict=True)]
+    groups = [[RewardInput(q.question, text, q.answer, n, {**q.metadata, "id": q.id})
+               for text, n in zip(texts, ns, strict=True)]
               for q, texts, ns in zip(questions, traces, lengths, strict=True)]
     scored = reward_set.score_groups(groups, 1)
     return [[s.correct for s in g] for g in scored], [[bool(s.failed) for s in g] for g in scored]
@@ -641,7 +652,7 @@ def _arg_parser() -> argparse.ArgumentParser:
                         "whose real path leaves it (absolute, '..', a symlink at any component) is refused before "
                         "any teacher call, naming the file, row and field")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
-    p.add_argument("--teacher", required=True, choices=("vllm", "openai", "arithmetic"))
+    p.add_argument("--teacher", required=True, choices=("vllm", "openai", "arithmetic", "reasoning_gym"))
     p.add_argument("--model", help="vllm: local model folder; openai: the served model's name")
     p.add_argument("--base-url", help="openai: e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: env variable holding the key")
@@ -654,8 +665,8 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=4096, help="vllm")
     p.add_argument("--enforce-eager", action="store_true", help="vllm: skip compilation (faster start)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm")
-    p.add_argument("--slip-rate", type=float, default=0.15, help="arithmetic teacher")
-    p.add_argument("--fix-rate", type=float, default=0.5, help="arithmetic teacher")
+    p.add_argument("--slip-rate", type=float, default=0.15, help="arithmetic and reasoning_gym teachers")
+    p.add_argument("--fix-rate", type=float, default=0.5, help="arithmetic and reasoning_gym teachers")
     p.add_argument("--recheck-rate", type=float, default=0.0, help="arithmetic teacher: chance a trace re-checks")
     p.add_argument("--recheck-repeat", type=float, default=0.0, help="arithmetic teacher: chance of one more re-check")
     p.add_argument("--max-rechecks", type=int, default=8, help="arithmetic teacher: most re-checks in one trace")
@@ -683,6 +694,8 @@ def _teacher_from_args(p: argparse.ArgumentParser, a: argparse.Namespace, sampli
             p.error("--recheck-rate and --recheck-repeat must be in [0, 1] and --max-rechecks at least 1")
         return make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate,
                             rechecks=Rechecks(a.recheck_rate, a.recheck_repeat, a.max_rechecks))
+    if a.teacher == "reasoning_gym":
+        return make_teacher("reasoning_gym", slip_rate=a.slip_rate, fix_rate=a.fix_rate)
     if a.teacher == "vllm":
         if not a.model:
             p.error("--teacher vllm needs --model (a local model folder)")

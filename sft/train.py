@@ -244,21 +244,27 @@ def load_sft_examples(sft, tokenizer, log=print, vision=None) -> tuple[list, lis
 
 def build_task_sft_data(prompt_rows: list[dict], out_dir: Path, seed: int, slip_rate: float,
                         fix_rate: float, samples_per_row: int = 1, verify: bool = False,
-                        log=print, rechecks: Rechecks = NO_RECHECKS) -> Path:
+                        log=print, rechecks: Rechecks = NO_RECHECKS, task: str = "arithmetic") -> Path:
     """An embedded task's warmup data through the dataset builder with the task's programmatic teacher.
 
-    `prompt_rows` are `arithmetic.make_rows` rows, or `shapes.make_rows` rows (with `images`: the shapes
-    teacher). `verify=False` keeps every trace (reward 'none'): the teacher's slips are part of the
-    recipe. `rechecks`: the arithmetic teacher's re-check loops (the shapes teacher has none: ValueError).
+    `prompt_rows` are `arithmetic.make_rows` rows, `shapes.make_rows` rows (with `images`: the shapes
+    teacher) or, with `task="reasoning_gym"`, `reasoning_gym.make_rows` rows (its teachers, for the tasks
+    they know). `verify=False` keeps every trace (reward 'none'): the teacher's slips are part of the
+    recipe. `rechecks`: the arithmetic teacher's re-check loops (the other teachers have none: ValueError).
     Returns the `data.jsonl` path (`sft.data_file`); resumable and idempotent like every build.
     """
     from sft.build_cot import ArithmeticTeacher, Question, build_dataset
+    from thinkrl.tasks.reasoning_gym import ReasoningGymTeacher
     from thinkrl.tasks.shapes import ShapesTeacher
 
-    questions = [Question(r["id"], r["prompt"], r["answer"], list(r.get("images") or [])) for r in prompt_rows]
-    if any(q.images for q in questions):
-        if rechecks.rate:
-            raise ValueError("sft.recheck_rate: only the arithmetic teacher re-checks; set it to 0 for the shapes task")
+    questions = [Question(r["id"], r["prompt"], r["answer"], list(r.get("images") or []),
+                          {k: v for k, v in r.items() if k not in ("id", "prompt", "answer", "images")})
+                 for r in prompt_rows]
+    if rechecks.rate and (task == "reasoning_gym" or any(q.images for q in questions)):
+        raise ValueError(f"sft.recheck_rate: only the arithmetic teacher re-checks; set it to 0 for the {task} task")
+    if task == "reasoning_gym":
+        teacher = ReasoningGymTeacher(slip_rate, fix_rate)
+    elif any(q.images for q in questions):
         teacher = ShapesTeacher(slip_rate, fix_rate)
     else:
         teacher = ArithmeticTeacher(slip_rate, fix_rate, rechecks)
@@ -299,6 +305,11 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
         if data.task == "arithmetic":
             prompts = arithmetic.make_rows(sft.n_examples, seed=seed + 2, min_ops=data.min_ops, max_ops=data.max_ops,
                                            exclude={r["prompt"] for r in run.heldout_rows})
+        elif data.task == "reasoning_gym":
+            from thinkrl.tasks import reasoning_gym
+
+            prompts = reasoning_gym.make_rows([d.spec() for d in data.reasoning_gym.datasets], sft.n_examples, seed,
+                                              "sft", exclude={r["prompt"] for r in run.heldout_rows})
         else:
             prompts = shapes.make_rows(sft.n_examples, seed=seed + 2, image_dir=run.dir / "data" / "images",
                                        min_count=data.min_count, max_count=data.max_count,
@@ -306,7 +317,7 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
                                        exclude={shapes.row_key(r) for r in run.heldout_rows})
         rechecks = Rechecks(sft.recheck_rate, sft.recheck_repeat, sft.max_rechecks)
         data_file = build_task_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log,
-                                        rechecks=rechecks)
+                                        rechecks=rechecks, task=data.task)
     vision = None
     if is_vl(run.base_model):
         from thinkrl.vl.inputs import VisionInputs

@@ -5,6 +5,7 @@
     thinkrl build-cot questions.jsonl -o out/ ...         # python -m sft.build_cot
     thinkrl label data.jsonl --model DIR -o out/          # python -m rl.label
     thinkrl score --reward math responses.jsonl -o s.jsonl  # python -m rewards.score
+    thinkrl export-data recipes/tiny-reasoning-gym.yaml --out rg/  # python -m rl.export_data
 
 Subcommands import their module only when chosen, so `thinkrl --help` is instant.
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "build-cot": ("sft.build_cot", "build verified long-CoT SFT data from question/answer data"),
     "label": ("rl.label", "label a dataset's difficulty with a model's pass rate"),
     "score": ("rewards.score", "score saved responses with rewards"),
+    "export-data": ("rl.export_data", "write a recipe's train and held-out prompts as JSONL (e.g. reasoning-gym rows)"),
 }
 
 

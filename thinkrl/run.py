@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -36,10 +36,46 @@ class ModelConfig(Strict):
         return ("vision_tower.",) if self.freeze_vision_tower else ()
 
 
+class ReasoningGymDataset(Strict):
+    """One reasoning-gym task of the mix (`thinkrl.tasks.reasoning_gym`): checked against the installed
+    reasoning-gym when the recipe loads (name, levels, config), so a typo fails before anything starts."""
+
+    name: str = Field(description="the task, e.g. chain_sum, letter_counting (reasoning_gym.factory.DATASETS)")
+    weight: float = Field(1.0, gt=0, description="its share of the rows, relative to the other tasks' weights")
+    config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the task's dataset "
+                                   "(e.g. {min_digits: 1, max_digits: 1}); applied over each level's config")
+    levels: list[int] = Field(default_factory=list, description="curriculum levels of the task, rows spread evenly "
+                              "over them; a row's difficulty is its level (the curriculum sampler's order); "
+                              "empty: config alone, difficulty 0")
+
+    @model_validator(mode="after")
+    def _exists(self):
+        from thinkrl.tasks.reasoning_gym import check_spec
+
+        if any(level < 0 for level in self.levels):
+            raise ValueError(f"{self.name}: levels must be >= 0, got {self.levels}")
+        try:
+            check_spec(self.spec())
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def spec(self):
+        from thinkrl.tasks.reasoning_gym import DatasetSpec
+
+        return DatasetSpec(self.name, self.weight, dict(self.config), tuple(self.levels))
+
+
+class ReasoningGymData(Strict):
+    datasets: list[ReasoningGymDataset] = Field(default_factory=list, description="the tasks of the mix")
+
+
 class DataConfig(Strict):
-    task: Literal["arithmetic", "shapes", "files"] = Field(
+    task: Literal["arithmetic", "shapes", "reasoning_gym", "files"] = Field(
         "arithmetic", description="embedded text task (arithmetic), embedded visual task (shapes: count the "
-        "squares of a colour in 56 px images), or your files")
+        "squares of a colour in 56 px images), tasks of reasoning-gym (the extra thinkrl[tasks]), or your files")
+    reasoning_gym: ReasoningGymData = Field(
+        default_factory=ReasoningGymData, description="task=reasoning_gym: datasets [{name, weight, config, levels}]")
     train_file: str | None = Field(None, description="JSONL / Parquet / `datasets` folder of RL prompts (task=files)")
     heldout_file: str | None = Field(None, description="held-out prompts, same formats (task=files)")
     prompt_field: str = "prompt"
@@ -48,8 +84,8 @@ class DataConfig(Strict):
         "images", description="task=files: a row's images (one path or a list; relative to the data file or "
         "absolute; `datasets` Image cells too). `<image>` in the prompt marks where each goes, else they come first")
     system_prompt: str | None = None
-    n_train: int = Field(3000, ge=1, description="arithmetic: RL training problems")
-    n_heldout: int = Field(300, ge=1, description="arithmetic: held-out problems")
+    n_train: int = Field(3000, ge=1, description="embedded tasks and reasoning_gym: RL training problems")
+    n_heldout: int = Field(300, ge=1, description="embedded tasks and reasoning_gym: held-out problems")
     min_ops: int = Field(1, ge=1, le=10)
     max_ops: int = Field(5, ge=1, le=10)
     min_count: int = Field(1, ge=1, le=8, description="shapes: fewest squares to count")
@@ -60,6 +96,8 @@ class DataConfig(Strict):
     def _files_given(self):
         if self.task == "files" and not (self.train_file and self.heldout_file):
             raise ValueError("task 'files' needs data.train_file and data.heldout_file")
+        if self.task == "reasoning_gym" and not self.reasoning_gym.datasets:
+            raise ValueError("task 'reasoning_gym' needs data.reasoning_gym.datasets, e.g. [{name: chain_sum}]")
         if self.min_ops > self.max_ops:
             raise ValueError("data.min_ops must be <= data.max_ops")
         if self.min_count > self.max_count:
@@ -99,8 +137,14 @@ def load_prompts(data: DataConfig, seed: int, data_dir: Path) -> tuple[list[dict
     from thinkrl.fileio import write_jsonl
     from thinkrl.tasks import arithmetic, shapes
 
-    if data.task in ("arithmetic", "shapes"):
-        if data.task == "arithmetic":
+    if data.task in ("arithmetic", "shapes", "reasoning_gym"):
+        if data.task == "reasoning_gym":
+            from thinkrl.tasks import reasoning_gym
+
+            specs = [d.spec() for d in data.reasoning_gym.datasets]
+            heldout = reasoning_gym.make_rows(specs, data.n_heldout, seed, "heldout")
+            train = reasoning_gym.make_rows(specs, data.n_train, seed, "train", exclude={r["prompt"] for r in heldout})
+        elif data.task == "arithmetic":
             ranges = dict(min_ops=data.min_ops, max_ops=data.max_ops)
             heldout = arithmetic.make_rows(data.n_heldout, seed=seed + 1, **ranges)
             train = arithmetic.make_rows(data.n_train, seed=seed, exclude={r["prompt"] for r in heldout}, **ranges)
