@@ -14,7 +14,8 @@ map a level to a config. `make_rows` turns a recipe's `data.reasoning_gym.datase
   (seeds 0 and 1 share 99 of 100), so each (split, task, level) gets its own seed hashed from the run
   seed, and the held-out questions are passed as `exclude` when the train rows are drawn: no question is
   in both. A level whose generator cannot give its share of distinct questions (chain_sum's 2 one-digit
-  terms have 200) hands the rest to the next level; the last one short is an error naming the task.
+  terms have 200; up to 32 items are read per question wanted) hands the rest to the next level; the last one
+  short is an error naming the task.
 
 The teachers (`solution`, `ReasoningGymTeacher`) write long-CoT traces for a few tasks, short enough for a
 byte-level tiny model, with the moves of `thinkrl.tasks.arithmetic`'s teacher: a plan, one line per step,
@@ -143,7 +144,7 @@ def make_rows(specs: Iterable[DatasetSpec], n: int, seed: int, split: str,
         for k, (level, want) in enumerate(zip(levels, _shares(count, [1.0] * len(levels)), strict=True)):
             want += short
             config = level_config(spec, level)
-            size = 2 * want + 32
+            size = 32 * want + 1024  # items are generated as they are read: the size only bounds the search
             items = rg.create_dataset(spec.name, seed=_seed(seed, split, spec.name, level), size=size, **config)
             got = 0
             for i in range(size):
