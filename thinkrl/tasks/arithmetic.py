@@ -21,6 +21,7 @@ warmed up on them inherits the loop, since only the chance of one more re-check 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_TOTAL = 20
@@ -151,6 +152,27 @@ class Rechecks:
 NO_RECHECKS = Rechecks()
 
 
+def worked_step(rng: random.Random, step: str, result: int, slip: Callable[[random.Random, int], int],
+                slip_rate: float, fix_rate: float) -> tuple[list[str], int]:
+    """One step `step=result` as an imperfect teacher writes it: the lines, and the value it carries on with.
+
+    With probability `slip_rate` it writes `slip(rng, result)` instead; a share `fix_rate` of slips is caught
+    by a "Wait, step=result." line, the others carry on. The draws from `rng` (slip?, the slip, caught?) are
+    in that order, which the teachers' traces depend on.
+    """
+    if rng.random() >= slip_rate:
+        return [f"{step}={result}"], result
+    wrong = slip(rng, result)
+    if rng.random() < fix_rate:
+        return [f"{step}={wrong}", f"Wait, {step}={result}."], result
+    return [f"{step}={wrong}"], wrong
+
+
+def _slip_in_range(rng: random.Random, result: int) -> int:
+    """`result` off by one, staying in 0..MAX_TOTAL."""
+    return result + rng.choice((-1, 1)) if 0 < result < MAX_TOTAL else result + (1 if result == 0 else -1)
+
+
 def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.15, fix_rate: float = 0.5,
                      rechecks: Rechecks = NO_RECHECKS) -> str:
     """A worked long-CoT solution (the assistant message content) for `problem`.
@@ -164,18 +186,11 @@ def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.
     steps = []
     value = problem.terms[0]
     for op, term in zip(problem.ops, problem.terms[1:], strict=True):
-        result = value + term if op == "+" else value - term
-        if rng.random() < slip_rate:
-            wrong = result + rng.choice((-1, 1)) if 0 < result < MAX_TOTAL else result + (1 if result == 0 else -1)
-            lines.append(f"{value}{op}{term}={wrong}")
-            if rng.random() < fix_rate:
-                lines.append(f"Wait, {value}{op}{term}={result}.")
-            else:
-                result = wrong
-        else:
-            lines.append(f"{value}{op}{term}={result}")
-        steps.append(f"{value}{op}{term}={result}")
-        value = result
+        step = f"{value}{op}{term}"
+        written, value = worked_step(rng, step, value + term if op == "+" else value - term, _slip_in_range,
+                                     slip_rate, fix_rate)
+        lines += written
+        steps.append(f"{step}={value}")
     if problem.ops:
         last = problem.terms[-1]
         undo, back = ("-", value - last) if problem.ops[-1] == "+" else ("+", value + last)

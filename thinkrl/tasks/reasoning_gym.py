@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rewards.reasoning_gym import import_reasoning_gym
+from thinkrl.tasks.arithmetic import worked_step
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,9 @@ class DatasetSpec:
 
 def dataset_names() -> list[str]:
     """Every task reasoning-gym registers, sorted."""
+    import_reasoning_gym()  # first: a missing install gets the message naming the extra
     from reasoning_gym.factory import DATASETS
 
-    import_reasoning_gym()
     return sorted(DATASETS)
 
 
@@ -195,17 +196,9 @@ def chain_sum_solution(expression: str, rng: random.Random, slip_rate: float, fi
     value, rest = int(tokens[0]), tokens[1:]
     lines = [f"Plan: {len(rest) // 2 + 1} terms, left to right."]
     for op, term in zip(rest[::2], rest[1::2], strict=True):
-        result = value + int(term) if op == "+" else value - int(term)
-        if rng.random() < slip_rate:
-            wrong = _slip(rng, result)
-            lines.append(f"{value}{op}{term}={wrong}")
-            if rng.random() < fix_rate:
-                lines.append(f"Wait, {value}{op}{term}={result}.")
-            else:
-                result = wrong
-        else:
-            lines.append(f"{value}{op}{term}={result}")
-        value = result
+        written, value = worked_step(rng, f"{value}{op}{term}", value + int(term) if op == "+" else value - int(term),
+                                     _slip, slip_rate, fix_rate)
+        lines += written
     if rest:
         op, term = rest[-2], rest[-1]
         undo, back = ("-", value - int(term)) if op == "+" else ("+", value + int(term))
