@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, rows in (("train", train), ("heldout", heldout)):
-        # text rows carry `images: []` only as the loader's uniform shape: a row without images leaves it out
-        write_jsonl(out / f"{name}.jsonl", [{k: v for k, v in r.items() if k != "images" or v} for r in rows])
+        if recipe.data.task == "files":  # the generated tasks' rows were written by load_prompts, as a run has them
+            # text rows carry `images: []` only as the loader's uniform shape: a row without images leaves it out
+            write_jsonl(out / f"{name}.jsonl", [{k: v for k, v in r.items() if k != "images" or v} for r in rows])
         print(f"{out / f'{name}.jsonl'}: {len(rows)} rows")
     return 0
 
