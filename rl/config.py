@@ -149,6 +149,20 @@ class EvalConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(160, ge=1)
+    every: int = Field(0, ge=0, description="held-out evaluation every this many RL iterations too (logged as "
+                       "eval/accuracy, drawn on curves.png); 0: before and after RL only")
+    test_time_budgets: list[int] = Field(
+        default_factory=list, description="test-time scaling: after RL the policy is evaluated again at each of "
+        "these max_tokens (report.json test_time_scaling, tts.png); [] skips it")
+
+    @field_validator("test_time_budgets")
+    @classmethod
+    def _budgets(cls, budgets):
+        if any(b < 1 for b in budgets):
+            raise ValueError(f"every budget must be >= 1 token, got {budgets}")
+        if len(set(budgets)) != len(budgets):
+            raise ValueError(f"budgets repeat: {budgets}")
+        return sorted(budgets)
 
 
 class Recipe(Strict):
@@ -163,6 +177,14 @@ class Recipe(Strict):
     sampler: SamplerConfig = SamplerConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _budgets_fit_the_context(self):
+        longest = max([self.eval.max_tokens, *self.eval.test_time_budgets])
+        if longest >= self.rollout.max_model_len:
+            raise ValueError(f"eval.max_tokens, eval.test_time_budgets: a budget of {longest} tokens leaves no room for "
+                             f"the prompt in rollout.max_model_len ({self.rollout.max_model_len})")
+        return self
 
     @model_validator(mode="after")
     def _importance_needs_trainer_logprobs(self):

@@ -57,7 +57,11 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
     start_iter = state.get("iteration", 0)
     # the final evaluation is logged at the last iteration's step, after its checkpoint: a run killed
     # during it evaluates again, so a record of it left from before the kill goes
-    metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None, redone=("eval/accuracy",))
+    # the final evaluation is the only one logged at a checkpoint's step after the checkpoint (a periodic one,
+    # eval.every, comes before its iteration's checkpoint and stays)
+    final_step = resume and start_iter == recipe.rl.iterations
+    metrics = MetricsLogger(run.dir, resume_step=start_iter if resume else None,
+                            redone=("eval/accuracy",) if final_step else ())
     truncate_jsonl(run.dir / "samples.jsonl", "iteration", start_iter if resume else None)
     heldout = heldout_prompts(recipe, run)
     with reward_set_of(recipe, log) as reward_set:
@@ -67,9 +71,11 @@ def rl_loop(recipe: Recipe, run: Run, warmup: Warmup | None, log=print) -> dict:
             f"{recipe.rl.probe_tolerance:.0e})")
         if "eval_before" not in state:
             state["eval_before"] = evaluate_policy(recipe, loop, heldout, run, metrics, 0, log, "before RL")
-        wall["rl"] = iterate(recipe, loop, run.dir, state, metrics, log)
+        periodic = lambda i: evaluate_policy(recipe, loop, heldout, run, metrics, i, log, f"iteration {i}")  # noqa: E731
+        wall["rl"] = iterate(recipe, loop, run.dir, state, metrics, log, periodic)
         state["eval_after"] = evaluate_policy(recipe, loop, heldout, run, metrics, recipe.rl.iterations, log,
                                               "after RL")
+        state["test_time_scaling"] = test_time_scaling(recipe, loop, heldout, run, state["eval_after"], log)
     with trainers_alive(trainers, run.dir, "writing the final checkpoint"):
         report = finish(recipe, run, trainers, metrics, state, wall)
     release([*trainers, *engines])
@@ -128,9 +134,12 @@ def trainers_alive(trainers: list, run_dir: Path, when: str):
                         f"iteration {last}: submit the same command to resume from it") from None
 
 
-def iterate(recipe: Recipe, loop: Loop, run_dir: Path, state: dict, metrics: MetricsLogger, log) -> float:
+def iterate(recipe: Recipe, loop: Loop, run_dir: Path, state: dict, metrics: MetricsLogger, log,
+            evaluate=None) -> float:
     """The iterations after the last checkpoint, a checkpoint every `rl.checkpoint_every`; the RL wall time.
 
+    `evaluate(iteration)` runs every `eval.every` iterations (not at the last: the final evaluation is
+    that one), before the iteration's checkpoint, so a run killed after it does it again on resume.
     A trainer rank that dies ends the run with `ActorLost`, naming the checkpoint to resume from.
     """
     rl = recipe.rl
@@ -143,6 +152,9 @@ def iterate(recipe: Recipe, loop: Loop, run_dir: Path, state: dict, metrics: Met
                 f"len {record['train/response_tokens_mean']:.0f}  loss {record.get('losses/loss', 0):.4f}  "
                 f"kl {record.get('losses/kl_to_prev_est', 0):.2e}  gap {record['sync/probe_gap_after_sync']:.1e}  "
                 f"{record['time/iteration']:.1f}s")
+            every = recipe.eval.every
+            if evaluate and every and iteration % every == 0 and iteration < rl.iterations:
+                evaluate(iteration)
             if iteration % rl.checkpoint_every == 0 or iteration == rl.iterations:
                 state.update(sampler=loop.sampler.state_dict(), replay_buffer=loop.buffer.state_dict(),
                              rl_wall_seconds=before + time.time() - start)
@@ -150,22 +162,26 @@ def iterate(recipe: Recipe, loop: Loop, run_dir: Path, state: dict, metrics: Met
     return before + time.time() - start
 
 
-def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: Run, metrics: MetricsLogger,
-                    step: int, log, when: str) -> dict:
-    """Held-out accuracy and length with the recipe's eval decoding (the same seed every time), logged."""
+def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: Run, metrics: MetricsLogger | None,
+                    step: int, log, when: str, max_tokens: int | None = None) -> dict:
+    """Held-out accuracy and length with the recipe's eval decoding (the same seed every time), logged
+    (`metrics` None: not logged; `max_tokens`: another budget than `eval.max_tokens`)."""
     from rl.generation import evaluate
     from rollout.engine import RolloutSettings
     from rollout.repeat import repeat_settings_of
 
     ev = recipe.eval
     settings = RolloutSettings(n=ev.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
-                               max_tokens=ev.max_tokens, seed=EVAL_SEED, repeat=repeat_settings_of(recipe.rollout.repeat))
+                               max_tokens=max_tokens or ev.max_tokens, seed=EVAL_SEED,
+                               repeat=repeat_settings_of(recipe.rollout.repeat))
     t0 = time.time()
     images = [loop.images.get(r.get("images") or []) for r in run.heldout_rows]
     result = loop.with_engines(lambda: evaluate(loop.engines, loop.rewards, heldout, run.heldout_rows, settings,
                                                 iteration=recipe.rl.iterations, images=images), "evaluation")
     result["wall_seconds"] = time.time() - t0
     log(f"[eval] {when}: accuracy {result['accuracy']:.3f}  mean length {result['mean_response_tokens']:.1f} tokens")
+    if metrics is None:
+        return result
     by_task = result.get("accuracy_by_task", {})
     if by_task:
         log("[eval]   by task: " + "  ".join(f"{t} {a:.3f}" for t, a in by_task.items()))
@@ -173,11 +189,21 @@ def evaluate_policy(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: R
                        **{f"eval/accuracy/{t}": a for t, a in by_task.items()}})
     return result
 
+def test_time_scaling(recipe: Recipe, loop: Loop, heldout: list[list[int]], run: Run, final: dict, log) -> list[dict]:
+    """The policy evaluated at each of `eval.test_time_budgets` (max tokens; the final evaluation serves for
+    its own budget): `[{max_tokens, accuracy, mean_response_tokens}]`, by budget."""
+    points = []
+    for budget in recipe.eval.test_time_budgets:
+        result = final if budget == recipe.eval.max_tokens else evaluate_policy(
+            recipe, loop, heldout, run, None, recipe.rl.iterations, log, f"budget {budget} tokens", max_tokens=budget)
+        points.append({"max_tokens": budget, "accuracy": result["accuracy"],
+                       "mean_response_tokens": result["mean_response_tokens"], "wall_seconds": result["wall_seconds"]})
+    return points
 
 
 def finish(recipe: Recipe, run: Run, trainers: list, metrics: MetricsLogger, state: dict, wall: dict) -> dict:
-    """The final checkpoint, the curves and `report.json`; returns the report."""
-    from thinkrl.metrics import plot_curves
+    """The final checkpoint, the curves (tts.png too with test-time budgets) and `report.json`; returns the report."""
+    from thinkrl.metrics import plot_curves, plot_test_time_scaling
 
     final = save_final(run.dir, trainers)
     records = metrics.records()
@@ -185,7 +211,11 @@ def finish(recipe: Recipe, run: Run, trainers: list, metrics: MetricsLogger, sta
     plot_curves(records, run.dir / "curves.png", "iteration", {
         "reward / accuracy": ["train/reward_mean", "eval/accuracy"],
         "response length (tokens)": ["train/response_tokens_mean", "eval/mean_response_tokens"],
-    })
+    }, marks=level_changes(records))
+    if state["test_time_scaling"]:
+        plot_test_time_scaling(state["test_time_scaling"], run.dir / "tts.png",
+                               f"{recipe.eval.samples_per_prompt} samples per problem, {state['eval_after']['n_prompts']} "
+                               "held-out problems, after RL")
     report = make_report(recipe, state, wall, final, run.dir)
     atomic_write_json(run.dir / "report.json", report)
     return report
@@ -203,12 +233,24 @@ def make_report(recipe: Recipe, state: dict, wall: dict, final: Path, run_dir: P
             "n_heldout_by_task": before["n_prompts_by_task"]} if "accuracy_by_task" in before else {}),
         "eval_decoding": {"samples_per_prompt": recipe.eval.samples_per_prompt, "temperature": recipe.eval.temperature,
                           "top_p": recipe.eval.top_p, "max_tokens": recipe.eval.max_tokens, "seed": EVAL_SEED},
+        "test_time_scaling": state["test_time_scaling"],
         "rl_iterations": recipe.rl.iterations,
         "wall_seconds": {**{k: v for k, v in wall.items() if v is not None},
                          "eval_before": before["wall_seconds"], "eval_after": after["wall_seconds"]},
         "final_checkpoint": str(final),
         "run_dir": str(run_dir),
     }
+
+
+def level_changes(records: list[dict]) -> list[tuple[int, str]]:
+    """(iteration, "level L") where the curriculum's level differs from the iteration before (the first too)."""
+    marks, previous = [], None
+    for r in records:
+        level = r.get("sampler/curriculum/level")
+        if level is not None and level != previous:
+            marks.append((r["iteration"], f"level {level:g}"))
+            previous = level
+    return marks
 
 
 _TERMINATED: list[int] = []  # the signal that stopped the run, if one did

@@ -2,7 +2,8 @@
 
 For each question: sample k reasoning traces from a teacher, verify each final answer against the
 ground truth with a reward (math-verify by default), keep the verified ones (all, one at random, or the
-shortest: k1.5's "shortest rejection sampling"), tag each kept trace with the cognitive patterns it
+shortest: k1.5's "shortest rejection sampling"), or every trace with its verdict in `verified` (`every`:
+preference data, e.g. `thinkrl long2short --method dpo`), tag each kept trace with the cognitive patterns it
 shows (`sft.patterns`), and write ChatML conversations that `python -m sft.train` reads directly.
 
 Verification: `--reward` names a reward as everywhere else in thinkrl (`rewards.registry`: a built-in
@@ -73,12 +74,12 @@ from typing import Protocol
 from rewards.math import last_braced
 from thinkrl.chunks import ChunkedOutput
 from thinkrl.fileio import DataError, atomic_directory, atomic_write_json, atomic_write_text, text_problem
-from thinkrl.tasks.arithmetic import NO_RECHECKS, Rechecks, parse_question, teacher_solution
+from thinkrl.tasks.arithmetic import NO_RECHECKS, OVERTHINKING, Rechecks, parse_question, teacher_solution
 
 URL_PREFIXES = ("http://", "https://", "data:")  # image references passed on as they are, not read here
 OWN_IMAGES = "images"  # <output>/images: the rows' image bytes, written here as files
 TEMPLATES = Path(__file__).parent / "templates"
-KEEP_MODES = ("all", "random", "shortest")
+KEEP_MODES = ("all", "random", "shortest", "every")
 CHUNK_FORMAT = "chunk_{:06d}.json"
 
 
@@ -390,7 +391,8 @@ def make_teacher(kind: str, **options) -> Teacher:
 
 
 def select(correct: list[int], lengths: list[int], keep: str, rng: random.Random) -> list[int]:
-    """Indices of the traces to keep among the `correct` ones: all, one at random, or the shortest."""
+    """Indices of the traces to keep among the `correct` ones: all, one at random, or the shortest.
+    (`every` keeps the incorrect ones too: `_build_chunk` does not select for it.)"""
     if not correct:
         return []
     if keep == "all":
@@ -460,11 +462,16 @@ def _build_chunk(questions: list[Question], first_index: int, teacher: Teacher, 
     for n, (q, texts, lengths) in enumerate(zip(questions, traces, all_lengths, strict=True)):
         # an empty trace is never kept, whatever the reward says: the SFT loader rejects empty turns
         correct = [j for j in range(k) if verified[n][j] and texts[j].strip()]
-        kept = select(correct, lengths, keep, random.Random(f"{seed}-{first_index + n}"))
+        if keep == "every":
+            kept = [j for j in range(k) if texts[j].strip()]
+        else:
+            kept = select(correct, lengths, keep, random.Random(f"{seed}-{first_index + n}"))
         for j in kept:
             row = {"id": q.id, "sample_index": j,
                    "messages": [{"role": "user", "content": q.question}, {"role": "assistant", "content": texts[j]}],
                    "answer": q.answer, "patterns": detect_patterns(texts[j]), "num_tokens": lengths[j]}
+            if keep == "every":
+                row["verified"] = j in correct
             if q.images:
                 row["images"] = q.images
             rows.append(row)
@@ -670,6 +677,8 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--recheck-rate", type=float, default=0.0, help="arithmetic teacher: chance a trace re-checks")
     p.add_argument("--recheck-repeat", type=float, default=0.0, help="arithmetic teacher: chance of one more re-check")
     p.add_argument("--max-rechecks", type=int, default=8, help="arithmetic teacher: most re-checks in one trace")
+    p.add_argument("--overthinking", action="store_true", help="arithmetic teacher: verify every step, work the chain "
+                   "again and re-check it (thinkrl.tasks.arithmetic.OVERTHINKING; instead of the --recheck-* flags)")
     p.add_argument("-k", "--samples", type=int, default=4, help="traces sampled per question")
     p.add_argument("--keep", default="shortest", choices=KEEP_MODES)
     p.add_argument("--reward", default="math",
@@ -692,8 +701,10 @@ def _teacher_from_args(p: argparse.ArgumentParser, a: argparse.Namespace, sampli
     if a.teacher == "arithmetic":
         if not (0 <= a.recheck_rate <= 1 and 0 <= a.recheck_repeat <= 1 and a.max_rechecks >= 1):
             p.error("--recheck-rate and --recheck-repeat must be in [0, 1] and --max-rechecks at least 1")
-        return make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate,
-                            rechecks=Rechecks(a.recheck_rate, a.recheck_repeat, a.max_rechecks))
+        if a.overthinking and a.recheck_rate:
+            p.error("--overthinking sets its own re-checks: drop --recheck-rate")
+        rechecks = OVERTHINKING if a.overthinking else Rechecks(a.recheck_rate, a.recheck_repeat, a.max_rechecks)
+        return make_teacher("arithmetic", slip_rate=a.slip_rate, fix_rate=a.fix_rate, rechecks=rechecks)
     if a.teacher == "reasoning_gym":
         return make_teacher("reasoning_gym", slip_rate=a.slip_rate, fix_rate=a.fix_rate)
     if a.teacher == "vllm":

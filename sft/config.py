@@ -42,6 +42,10 @@ class SFTConfig(Strict):
     recheck_repeat: float = Field(0.0, ge=0, le=1, description="arithmetic teacher: chance each re-check is followed "
                                   "by another, so the count is geometric: a heavy tail of trace lengths")
     max_rechecks: int = Field(8, ge=1, le=100, description="arithmetic teacher: most re-checks in one trace")
+    teacher_mode: Literal["plain", "overthinking"] = Field(
+        "plain", description="arithmetic teacher: overthinking verifies steps, works the chain again and re-checks "
+        "it more than needed (thinkrl.tasks.arithmetic.OVERTHINKING: ~2.4x the plain traces' length), the verbose "
+        "start long2short methods shorten; the recheck_* keys then stay at 0")
     steps: int = Field(400, ge=1, description="optimizer steps of the first stage")
     batch_size: int = Field(32, ge=1, description="examples per optimizer step (all ranks together)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate of the first stage")
@@ -76,6 +80,21 @@ class SFTConfig(Strict):
     zero_stage: int | None = Field(None, ge=0, le=3, description="ZeRO stage; default: rl.zero_stage")
     gradient_checkpointing: bool | None = Field(
         None, description="recompute activations in backward; default: rl.gradient_checkpointing")
+
+    @model_validator(mode="after")
+    def _one_source_of_rechecks(self):
+        if self.teacher_mode == "overthinking" and self.recheck_rate:
+            raise ValueError("sft.teacher_mode overthinking sets its own re-checks: leave sft.recheck_rate at 0")
+        return self
+
+    @property
+    def rechecks(self):
+        """The arithmetic teacher's habits this config asks for (`thinkrl.tasks.arithmetic.Rechecks`)."""
+        from thinkrl.tasks.arithmetic import OVERTHINKING, Rechecks
+
+        if self.teacher_mode == "overthinking":
+            return OVERTHINKING
+        return Rechecks(self.recheck_rate, self.recheck_repeat, self.max_rechecks)
 
     @model_validator(mode="after")
     def _stages(self):

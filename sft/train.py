@@ -260,8 +260,9 @@ def build_task_sft_data(prompt_rows: list[dict], out_dir: Path, seed: int, slip_
     questions = [Question(r["id"], r["prompt"], r["answer"], list(r.get("images") or []),
                           {k: v for k, v in r.items() if k not in ("id", "prompt", "answer", "images")})
                  for r in prompt_rows]
-    if rechecks.rate and (task == "reasoning_gym" or any(q.images for q in questions)):
-        raise ValueError(f"sft.recheck_rate: only the arithmetic teacher re-checks; set it to 0 for the {task} task")
+    if rechecks.on and (task == "reasoning_gym" or any(q.images for q in questions)):
+        raise ValueError(f"sft.recheck_rate, sft.teacher_mode: only the arithmetic teacher re-checks; set recheck_rate "
+                         f"to 0 and teacher_mode to plain for the {task} task")
     if task == "reasoning_gym":
         teacher = ReasoningGymTeacher(slip_rate, fix_rate)
     elif any(q.images for q in questions):
@@ -315,9 +316,8 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
                                        min_count=data.min_count, max_count=data.max_count,
                                        max_distractors=data.max_distractors,
                                        exclude={shapes.row_key(r) for r in run.heldout_rows})
-        rechecks = Rechecks(sft.recheck_rate, sft.recheck_repeat, sft.max_rechecks)
         data_file = build_task_sft_data(prompts, data_file.parent, seed, sft.slip_rate, sft.fix_rate, log=log,
-                                        rechecks=rechecks, task=data.task)
+                                        rechecks=sft.rechecks, task=data.task)
     vision = None
     if is_vl(run.base_model):
         from thinkrl.vl.inputs import VisionInputs

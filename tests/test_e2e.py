@@ -18,7 +18,9 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "tests" / "fixtures" / "reward_plugin"
 USER = ["reward.rewards=[math, {name: keyword, weight: 0.1}, {name: 'user_rewards:concise', weight: 0.1}]",
-        "sampler.kind=curriculum+prioritized", "sampler.iterations_per_level=2"]
+        "sampler.kind=curriculum+prioritized", "sampler.iterations_per_level=2",
+        # held-out accuracy after every iteration; test-time scaling at three budgets (64: the final evaluation's)
+        "eval.every=1", "eval.test_time_budgets=[8,32,64]"]
 SMALL = ["sft.steps=15", "sft.n_examples=300", "sft.log_every=5", "data.n_train=64", "data.n_heldout=12",
          "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rl.mini_batches=2", "rl.checkpoint_every=1",
          "eval.samples_per_prompt=2", "rollout.max_tokens=64", "eval.max_tokens=64", "rollout.enforce_eager=true",
@@ -67,6 +69,13 @@ def test_run_writes_every_output(finished_run):
         assert 0 <= report[key] and (report[key] <= 1 or "tokens" in key)
     assert report["n_heldout"] == 12
     assert {"sft", "startup", "rl", "eval_before", "eval_after"} <= set(report["wall_seconds"])
+    assert (run_dir / "tts.png").is_file()
+    tts = report["test_time_scaling"]
+    assert [p["max_tokens"] for p in tts] == [8, 32, 64]
+    assert tts[-1]["accuracy"] == report["accuracy_after_rl"]  # the final evaluation, not a second one
+    assert tts[0]["mean_response_tokens"] <= 8 and tts[1]["mean_response_tokens"] <= 32
+    # 8 tokens cannot hold "<think>" and a boxed answer: a budget that cuts the thinking costs accuracy
+    assert tts[0]["accuracy"] == 0 and tts[0]["accuracy"] <= tts[-1]["accuracy"]
 
 
 def test_metrics_have_the_loop_and_the_sync_check(finished_run):
@@ -74,6 +83,8 @@ def test_metrics_have_the_loop_and_the_sync_check(finished_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     iterations = [r for r in records if "train/reward_mean" in r]
     assert [r["iteration"] for r in iterations] == [1, 2, 3]  # the resumed run did not repeat 1-2
+    # eval.every=1: before RL, after iterations 1 and 2 (the first run's final evaluation, kept on resume) and 3
+    assert [r["iteration"] for r in records if "eval/accuracy" in r] == [0, 1, 2, 3]
     for r in iterations:
         assert r["sync/probe_gap_after_sync"] < 1e-3
         assert r["sync/logprob_gap_rollout_vs_trainer"] < 0.05

@@ -90,8 +90,10 @@ def truncate_jsonl(path: Path, key: str, last_step: int | None, redone: tuple[st
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_curves(records: list[dict], out_png: str | Path, x: str, panels: dict[str, list[str]]) -> None:
-    """One panel per entry of `panels` (title -> metric names) against `x`, saved as PNG."""
+def plot_curves(records: list[dict], out_png: str | Path, x: str, panels: dict[str, list[str]],
+                marks: list[tuple[float, str]] = ()) -> None:
+    """One panel per entry of `panels` (title -> metric names) against `x`, saved as PNG; `marks`: (x, label)
+    drawn as dashed vertical lines on every panel (e.g. the curriculum's level changes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,10 +105,39 @@ def plot_curves(records: list[dict], out_png: str | Path, x: str, panels: dict[s
             pts = [(r[x], r[name]) for r in records if name in r]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=".", label=name)
+        for at, label in marks:
+            ax.axvline(at, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(label, (at, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="grey")
         ax.set_title(title)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def plot_test_time_scaling(points: list[dict], out_png: str | Path, subtitle: str) -> None:
+    """Accuracy (and mean response tokens, right axis) against the token budget, log2 x axis, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = [p["max_tokens"] for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(budgets, [p["accuracy"] for p in points], marker="o", color="tab:blue", label="accuracy")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("thinking budget (max tokens)")
+    ax.set_ylabel("held-out accuracy", color="tab:blue")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    tokens = ax.twinx()
+    tokens.plot(budgets, [p["mean_response_tokens"] for p in points], marker=".", linestyle="--", color="tab:orange")
+    tokens.set_ylabel("mean response tokens", color="tab:orange")
+    ax.set_title(f"test-time scaling\n{subtitle}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -16,6 +16,11 @@ sometimes re-checks the whole chain, and sometimes again and again ("Wait, let m
 number of re-checks is geometric, so a minority of traces is several times longer than the median: the
 long tail of response lengths that partial rollouts exist for (`recipes/tiny-longtail.yaml`). A policy
 warmed up on them inherits the loop, since only the chance of one more re-check is there to learn.
+The same dataclass holds two more habits of overthinking models, each off by default: verifying every
+step by its inverse ("Verify: 12-5=7.") and deriving the whole chain again from the start before the
+final check. `OVERTHINKING` turns all three on at once (`sft.teacher_mode: overthinking`): traces about
+three times as long as the plain teacher's, none of it needed for the answer, which is what long2short
+methods exist to remove (`recipes/tiny-long2short.yaml`).
 """
 
 from __future__ import annotations
@@ -113,7 +118,11 @@ def parse_question(question: str) -> Problem:
 
 @dataclass(frozen=True)
 class Rechecks:
-    """How often the teacher re-checks its whole chain after the final check (off: `rate` 0).
+    """How often the teacher re-checks its work beyond the plain solution (all off by default).
+
+    Re-check loops (`rate`, `repeat`, `most`) after the final check; step verification (`verify`: the
+    chance each step is followed by its inverse, "Verify: 12-5=7."); re-derivation (`rederive`: the chance
+    the whole chain is worked again from the start before the final check). None changes the answer.
 
     A trace re-checks with probability `rate`; each re-check is followed by another with probability
     `repeat`, up to `most` in all. So P(at least k re-checks) = rate * repeat**(k - 1): a geometric tail
@@ -133,10 +142,18 @@ class Rechecks:
     rate: float = 0.0
     repeat: float = 0.0
     most: int = 8
+    verify: float = 0.0
+    rederive: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (0 <= self.rate <= 1 and 0 <= self.repeat <= 1 and self.most >= 1):
-            raise ValueError(f"Rechecks needs rate and repeat in [0, 1] and most >= 1, got {self}")
+        rates = (self.rate, self.repeat, self.verify, self.rederive)
+        if not (all(0 <= r <= 1 for r in rates) and self.most >= 1):
+            raise ValueError(f"Rechecks needs rate and repeat in [0, 1] (verify and rederive too) and most >= 1, got {self}")
+
+    @property
+    def on(self) -> bool:
+        """Whether any habit is on (a trace may differ from the plain teacher's)."""
+        return bool(self.rate or self.verify or self.rederive)
 
     def draw(self, rng: random.Random) -> int:
         """The number of re-checks of one trace. Draws nothing from `rng` when off, so traces without
@@ -150,6 +167,9 @@ class Rechecks:
 
 
 NO_RECHECKS = Rechecks()
+# `sft.teacher_mode: overthinking`: every habit at once. Each is a coin flip per step or trace, so the
+# warmed-up policy's responses vary in length for the same question: the spread a length penalty needs.
+OVERTHINKING = Rechecks(rate=0.6, repeat=0.5, most=6, verify=0.5, rederive=0.6)
 
 
 def worked_step(rng: random.Random, step: str, result: int, slip: Callable[[random.Random, int], int],
@@ -180,7 +200,18 @@ def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.
     Each step's result slips by +-1 with probability `slip_rate`; a slip is caught by a reflection
     line and corrected with probability `fix_rate`, otherwise the chain carries on from the wrong value.
     After the final check the teacher re-checks the chain as it believes it (an uncaught slip stays)
-    `rechecks.draw(rng)` times: the re-checks lengthen the trace and never change the answer.
+    `rechecks.draw(rng)` times; `rechecks.verify` and `rechecks.rederive` add step verifications and a
+    second derivation (see `Rechecks`). They lengthen the trace and never change the answer.
+
+    >>> print(teacher_solution(parse_question("7+5-3=?"), random.Random(0), slip_rate=0.0,
+    ...                        rechecks=Rechecks(verify=1.0, rederive=1.0)))
+    <think>Plan: 2 steps.
+    7+5=12
+    Verify: 12-5=7.
+    12-3=9
+    Verify: 9+3=12.
+    Let me work it out again from the start: 7+5=12, 12-3=9.
+    Check: 9+3=12.</think>\\boxed{9}
     """
     lines = [f"Plan: {problem.difficulty} steps."]
     steps = []
@@ -191,12 +222,21 @@ def teacher_solution(problem: Problem, rng: random.Random, slip_rate: float = 0.
                                      slip_rate, fix_rate)
         lines += written
         steps.append(f"{step}={value}")
+        if rechecks.verify and rng.random() < rechecks.verify:
+            lines.append(f"Verify: {_inverse(value, op, term)}.")
     if problem.ops:
+        if rechecks.rederive and rng.random() < rechecks.rederive:
+            lines.append(f"Let me work it out again from the start: {', '.join(steps)}.")
         last = problem.terms[-1]
-        undo, back = ("-", value - last) if problem.ops[-1] == "+" else ("+", value + last)
-        lines.append(f"Check: {value}{undo}{last}={back}.")
+        lines.append(f"Check: {_inverse(value, problem.ops[-1], last)}.")
         lines += [f"Wait, let me re-check: {', '.join(steps)}."] * rechecks.draw(rng)
     return "<think>" + "\n".join(lines) + "</think>\\boxed{" + str(value) + "}"
+
+
+def _inverse(value: int, op: str, term: int) -> str:
+    """The step undone from its written result: `value-term=back` after a `+`, `value+term=back` after a `-`."""
+    undo, back = ("-", value - term) if op == "+" else ("+", value + term)
+    return f"{value}{undo}{term}={back}"
 
 
 def sft_conversations(rows: list[dict], seed: int, samples_per_row: int = 1, slip_rate: float = 0.15,
