@@ -65,6 +65,13 @@ def check_correctness_reward(name: str) -> None:
                          "(math, code, ...)")
 
 
+def correctness_reward(rewards: Sequence[ResolvedReward]) -> str | None:
+    """The name of the reward that decides correctness by default (the module docstring's rule): the first
+    per-sample reward named `math` or `code`, else the first per-sample reward; None if there is none."""
+    per_sample = [r.name for r in rewards if r.reward.kind == "sample"]
+    return next((n for n in per_sample if n in _CORRECTNESS_NAMES), per_sample[0] if per_sample else None)
+
+
 def preload_of(rewards: Sequence[ResolvedReward]) -> tuple[str, ...]:
     """The modules a pool's worker imports at start-up for these rewards (their `preload`), once each."""
     return tuple(dict.fromkeys(m for r in rewards for m in r.reward.preload))
@@ -100,8 +107,7 @@ class RewardSet:
         if correctness is not None and correctness not in per_sample:
             raise ValueError(f"correctness reward '{correctness}' is not a per-sample reward of the set "
                              f"({', '.join(per_sample) or 'none'})")
-        self.correctness = correctness or next((n for n in per_sample if n in _CORRECTNESS_NAMES),
-                                               per_sample[0] if per_sample else None)
+        self.correctness = correctness or correctness_reward(self.rewards)
         self.max_consecutive_failures = max_consecutive_failures
         self._in_a_row = dict.fromkeys(names, 0)
         self._last_failure = dict.fromkeys(names, "")

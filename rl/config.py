@@ -111,6 +111,10 @@ class RLConfig(Strict):
     baseline: Literal["mean", "logsumexp"] = "mean"
     log_ratio_norm: Literal["sequence", "token"] = Field("sequence", description="paper: sequence")
     reset_optimizer: bool = Field(True, description="k1.5 resets the optimizer every iteration")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw: AdamW for every parameter; muon: Muon for the hidden weight matrices and AdamW "
+        "for embeddings, output head, norms and biases (Moonlight, Kimi), with one lr for both (Muon's step scaled to "
+        "AdamW's RMS); under muon grad_clip is not applied (`thinkrl.train_engine.build_optimizer` says why)")
     old_logprobs: Literal["trainer", "rollout"] = Field(
         "trainer", description="log pi_theta_i of the KL term: the trainer's own (exact; one no-grad pass over all "
         "but the first step) or vLLM's sampled-token log-probs (no pass; only where engine and trainer "
@@ -142,6 +146,23 @@ class RLConfig(Strict):
         if self.prompts_per_iteration < self.mini_batches:
             raise ValueError("rl.prompts_per_iteration must be >= rl.mini_batches (each step takes whole prompt groups)")
         return self
+
+
+class Long2ShortConfig(Strict):
+    """The long2short stage (`thinkrl long2short`, rl.long2short): sampling from the long model, then a short fine-tune."""
+
+    k: int = Field(8, ge=1, description="responses sampled per prompt (the recipe's rollout decoding); dpo needs >= 2")
+    prompts: int = Field(512, ge=1, description="train prompts sampled from: a seeded draw of the recipe's train split")
+    steps: int = Field(40, ge=1, description="optimizer steps of the fine-tune")
+    batch_size: int = Field(32, ge=1, description="examples (shortest) or preference pairs (dpo) per step, all ranks")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (it starts from a trained model: lower than a warmup's)")
+    warmup_steps: int = Field(2, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine decay's floor, as a fraction of lr")
+    beta: float = Field(0.1, gt=0, description="dpo: how far the policy may move from the starting model")
+    micro_batches: int = Field(1, ge=1, description="gradient accumulation: micro-batches per step and rank")
+    save_every: int = Field(20, ge=1, description="steps between resumable trainer states")
+    log_every: int = Field(5, ge=1)
+    chunk_size: int = Field(64, ge=1, description="prompts per resumable chunk of the sampling stage")
 
 
 class EvalConfig(Strict):
@@ -177,6 +198,7 @@ class Recipe(Strict):
     sampler: SamplerConfig = SamplerConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
+    long2short: Long2ShortConfig = Long2ShortConfig()
 
     @model_validator(mode="after")
     def _budgets_fit_the_context(self):

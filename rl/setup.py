@@ -70,7 +70,8 @@ def start_actors(recipe: Recipe, model: Path, resume: Path | None, run_dir: Path
     # both roles are checked against the cluster before either starts
     engine_group = place(ENGINE_ROLE, ro.num_engines, engine_resources(recipe),
                          "SPREAD" if ro.placement == "spread" else "PACK")
-    optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip, frozen=recipe.model.frozen)
+    optim = OptimConfig(lr=rl.lr, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip, frozen=recipe.model.frozen,
+                        optimizer=rl.optimizer)
     trainers = trainer_group(
         PMDWorker, rl.num_trainers,
         lambda rank, addr, port: (str(model), optim, DistConfig(rank, rl.num_trainers, addr, port, rl.zero_stage,
@@ -120,6 +121,20 @@ def start_engine(recipe: Recipe, model: Path, index: int, group=None, wait: bool
     if wait:
         ray.get(engine.__ray_ready__.remote())
     return engine
+
+
+def start_engines(recipe: Recipe, model: Path) -> list:
+    """All the recipe's vLLM engines on `model` (`start_engine` each, in one placement group), ready: for the
+    commands that only generate (`thinkrl eval`, `thinkrl long2short`). Free them with `thinkrl.cluster.release`."""
+    import ray
+
+    from thinkrl.cluster import place
+
+    ro = recipe.rollout
+    group = place(ENGINE_ROLE, ro.num_engines, engine_resources(recipe), "SPREAD" if ro.placement == "spread" else "PACK")
+    engines = [start_engine(recipe, model, e, group, wait=False) for e in range(ro.num_engines)]
+    ray.get([e.__ray_ready__.remote() for e in engines])
+    return engines
 
 
 def heldout_prompts(recipe: Recipe, run: Run) -> list[list[int]]:

@@ -71,6 +71,10 @@ class SFTConfig(Strict):
         "own longest, one forward each; auto: rows under ZeRO-3, buckets otherwise (SDPA, CPU: 1.17x faster)")
     micro_batches: int = Field(1, ge=1, description="gradient accumulation: micro-batches per step and rank")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw: AdamW for every parameter; muon: Muon for the hidden weight matrices and AdamW "
+        "for embeddings, output head, norms and biases (Moonlight, Kimi), with one lr for both (Muon's step scaled to "
+        "AdamW's RMS); under muon grad_clip is not applied (`thinkrl.train_engine.build_optimizer` says why)")
     second_stage: SFTStage | None = Field(None, description="re-warm and train at a longer context")
     eval_fraction: float = Field(0.02, ge=0, lt=1, description="held-out share of the data for eval loss")
     eval_file: str | None = Field(None, description="held-out conversations (instead of eval_fraction)")
@@ -139,3 +143,4 @@ class SFTRecipe(Strict):
     reward: dict = {}
     sampler: dict = {}
     eval: dict = {}
+    long2short: dict = {}

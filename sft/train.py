@@ -36,7 +36,8 @@ def optim_config(sft: SFTConfig, frozen: tuple[str, ...] = ()):
     return OptimConfig(lr=sft.lr, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
                        warmup_steps=sft.warmup_steps, total_steps=sft.steps, min_lr_ratio=sft.min_lr_ratio,
                        decay=sft.schedule,
-                       stages=((s2.steps, s2.lr, s2.min_lr, s2.warmup_steps),) if s2 else (), frozen=frozen)
+                       stages=((s2.steps, s2.lr, s2.min_lr, s2.warmup_steps),) if s2 else (), frozen=frozen,
+                       optimizer=sft.optimizer)
 
 
 def _latest_state(state_root: Path) -> tuple[int, Path] | None:

@@ -6,6 +6,9 @@
     thinkrl label data.jsonl --model DIR -o out/          # python -m rl.label
     thinkrl score --reward math responses.jsonl -o s.jsonl  # python -m rewards.score
     thinkrl export-data recipes/tiny-reasoning-gym.yaml --out rg/  # python -m rl.export_data
+    thinkrl eval recipes/tiny.yaml --model DIR --out eval.json    # python -m rl.evaluate
+    thinkrl merge A B --alpha 0.5 --out merged/                   # python -m rl.merge
+    thinkrl long2short recipes/tiny.yaml --method dpo --model DIR --out short/  # python -m rl.long2short
 
 Subcommands import their module only when chosen, so `thinkrl --help` is instant.
 """
@@ -22,6 +25,9 @@ COMMANDS = {
     "label": ("rl.label", "label a dataset's difficulty with a model's pass rate"),
     "score": ("rewards.score", "score saved responses with rewards"),
     "export-data": ("rl.export_data", "write a recipe's train and held-out prompts as JSONL (e.g. reasoning-gym rows)"),
+    "eval": ("rl.evaluate", "held-out accuracy and response length of a model folder under a recipe (JSON)"),
+    "merge": ("rl.merge", "long2short: average two models of one architecture, alpha*A + (1-alpha)*B"),
+    "long2short": ("rl.long2short", "long2short: shortest rejection sampling (SFT) or DPO on a model's own samples"),
 }
 
 

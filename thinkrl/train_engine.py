@@ -13,6 +13,12 @@ restart at 0 for each example. Attention must not cross examples: with a varlen 
 (flash-attention) the position ids alone tell it where examples start; with every other backend (SDPA,
 eager: what CPUs have) a block-diagonal causal boolean mask [B, 1, T, T] is built from them. The mask
 costs B*T*T bytes, fine up to a few thousand tokens per row; long-context GPU runs want flash-attention.
+
+The optimizer is AdamW, or (`optimizer: muon`, as Moonlight and Kimi train) Muon for the hidden weight
+matrices and AdamW for the rest, through DeepSpeed's own Muon so that ZeRO 1-3 orthogonalize whole
+matrices before partitioning them (`build_optimizer`). Under Muon, DeepSpeed's gradient norm and clip
+would be taken over the orthogonalized updates, not the gradients: clipping is off and no norm is
+reported.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ class OptimConfig:
     stages: tuple[tuple[int, float, float, int], ...] = ()
     # parameters left as they are: names starting with one of these (e.g. "vision_tower." to freeze a VLM's tower)
     frozen: tuple[str, ...] = ()
+    # "adamw", or "muon": the hidden matrices by Muon, everything else by AdamW, one `lr` for both (`build_optimizer`)
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum (Moonlight, Keller Jordan: 0.95)
 
 
 @dataclass
@@ -94,6 +103,84 @@ def lr_lambda(optim: OptimConfig):
     return factor
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def takes_muon(name: str, shape: Sequence[int]) -> bool:
+    """Whether Muon updates this parameter under `optimizer: muon` (else AdamW), as Moonlight splits them.
+
+    Muon orthogonalizes a matrix's update, so it takes the hidden weight matrices: attention and MLP
+    projections (2-D), and stacked experts [E, out, in] (3-D, one matrix per expert). Embeddings and the
+    output head are matrices too but are rows looked up one token at a time, not a linear map on the
+    hidden state: AdamW takes them, and every 1-D parameter (norms, biases). `TrainEngine` also sends the
+    model's own input / output embeddings to AdamW whatever their names.
+
+    >>> takes_muon("model.layers.0.self_attn.q_proj.weight", (128, 128))
+    True
+    >>> takes_muon("model.embed_tokens.weight", (320, 128)), takes_muon("lm_head.weight", (320, 128))
+    (False, False)
+    >>> takes_muon("model.layers.0.self_attn.q_proj.bias", (128,)), takes_muon("model.norm.weight", (128,))
+    (False, False)
+    """
+    lowered = name.lower()
+    return len(shape) in (2, 3) and "embed" not in lowered and "lm_head" not in lowered
+
+
+def muon_lr_scale(shape: Sequence[int]) -> float:
+    """Factor on the recipe's `lr` for a Muon matrix, so that one `lr` suits AdamW and Muon alike.
+
+    Moonlight scales Muon's orthogonalized update O by 0.2 * sqrt(max(rows, cols)): its RMS is then
+    ~0.2, like a typical AdamW update, and AdamW's lr and weight decay carry over unchanged. DeepSpeed's
+    Muon scales O by sqrt(max(1, rows / cols)) (Keller Jordan's, tuned for lr ~0.02). The ratio of the
+    two is 0.2 * sqrt(cols) for every shape; the engine gives each Muon group lr * this factor (a test
+    measures the step's RMS, so a change in DeepSpeed's scale fails loudly).
+
+    >>> round(muon_lr_scale((384, 128)), 3), round(muon_lr_scale((128, 384)), 3)
+    (2.263, 3.919)
+    """
+    return 0.2 * math.sqrt(shape[-1])
+
+
+def build_optimizer(model, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of `model`'s trainable parameters, by `optim.optimizer`.
+
+    adamw: torch's AdamW over all of them. muon: DeepSpeed's `MuonWithAuxAdam` (the class its ZeRO
+    stages recognise: under ZeRO 1-3 the orthogonalization runs on each full matrix before the
+    gradient is partitioned) with `takes_muon`'s matrices in Muon groups, one per `muon_lr_scale`,
+    each marked `param.use_muon`, and the rest in one AdamW group, first, at `optim.lr` (`lr_scale`
+    1.0). A Muon group's decay is weight_decay / scale, so each step decays by lr * weight_decay on
+    both halves, as Moonlight does.
+
+    Under muon `TrainEngine` turns DeepSpeed's gradient clipping off: under ZeRO its norm is taken after
+    the orthogonalization, over Muon's updates (~64 on the tiny model, whatever the gradient), so
+    clipping at 1 shrank every Muon step ~60x, and ZeRO 0 (which clips the raw gradients) would behave
+    differently. Muon's step size is fixed by the orthogonalization anyway; the AdamW half goes
+    unclipped, its steps bounded by Adam's normalisation.
+    """
+    if optim.optimizer not in OPTIMIZERS:
+        raise ValueError(f"OptimConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optim.optimizer!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW([p for _, p in named], lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+                                 fused=fused)  # fused: one kernel for all parameters instead of several per tensor
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    embeddings = {id(p) for get in ("get_input_embeddings", "get_output_embeddings")
+                  for module in [getattr(model, get, lambda: None)()] if module is not None for p in module.parameters()}
+    adam, muon = [], {}
+    for name, param in named:
+        param.use_muon = takes_muon(name, param.shape) and id(param) not in embeddings
+        if param.use_muon:
+            muon.setdefault(muon_lr_scale(param.shape), []).append(param)
+        else:
+            adam.append(param)
+    groups = [dict(params=adam, use_muon=False, lr=optim.lr, lr_scale=1.0, betas=optim.betas, eps=1e-8,
+                   weight_decay=optim.weight_decay)] if adam else []
+    groups += [dict(params=params, use_muon=True, lr=optim.lr * scale, lr_scale=scale, momentum=optim.muon_momentum,
+                    weight_decay=optim.weight_decay / scale) for scale, params in sorted(muon.items())]
+    return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={"fused": fused})
+
+
 class TrainEngine:
     """One rank of a DeepSpeed trainer group holding a causal LM and its optimizer."""
 
@@ -124,18 +211,22 @@ class TrainEngine:
         for name, param in model.named_parameters():
             if optim.frozen and name.startswith(optim.frozen):
                 param.requires_grad_(False)
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
-            fused=self.device.type == "cuda",  # one kernel for all parameters instead of several per tensor
-        )
+        optimizer = build_optimizer(model, optim, fused=self.device.type == "cuda")
+        self.lr_scale = optimizer.param_groups[0].get("lr_scale", 1.0)  # the recipe's lr is group 0's / this
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
+        self.muon = optim.optimizer == "muon"
+        zero = {"stage": dist.zero_stage}
+        if self.muon and dist.zero_stage == 3:
+            zero["reduce_scatter"] = False  # ZeRO-3 orthogonalizes whole matrices: it refuses reduce-scatter
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             # accumulation is train_step's: any number of micro-batches per step, the boundary set by hand
             "gradient_accumulation_steps": 1,
             "train_batch_size": dist.world_size,
-            "gradient_clipping": optim.grad_clip,
-            "zero_optimization": {"stage": dist.zero_stage},
+            # under ZeRO, DeepSpeed's norm and clip see Muon's orthogonalized update, not its gradient
+            # (build_optimizer says why it is off)
+            "gradient_clipping": 0.0 if self.muon else optim.grad_clip,
+            "zero_optimization": zero,
             "bf16": {"enabled": self.dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
@@ -175,7 +266,7 @@ class TrainEngine:
         """
         if not micro_batches:
             raise ValueError("a train step needs at least one micro-batch")
-        lr = float(self.scheduler.get_last_lr()[0])
+        lr = float(self.scheduler.get_last_lr()[0]) / self.lr_scale
         total = 0.0
         zero_optimizer = self.engine.optimizer
         for i, micro_batch in enumerate(micro_batches):
@@ -192,12 +283,16 @@ class TrainEngine:
         self.engine.step()
         stats = {"loss": total, "lr": lr}
         norm = self.engine.get_global_grad_norm()
-        if norm is not None:
+        if norm is not None and not self.muon:  # under Muon, a norm of orthogonalized updates: not reported
             stats["grad_norm"] = float(norm)
         return stats
 
     def reset_optimizer(self) -> None:
-        """Forget Adam's moments (k1.5 resets the optimizer at every iteration)."""
+        """Forget Adam's moments and Muon's momentum (k1.5 resets the optimizer at every iteration).
+
+        Both live in the innermost optimizer's `state`, under ZeRO too (a Muon group's flat momentum
+        buffer included); the next step starts them from zero.
+        """
         opt = self.optimizer
         while hasattr(opt, "optimizer"):
             opt = opt.optimizer
