@@ -494,6 +494,40 @@ def section_repeat(out: list[str], status: dict) -> None:
     out.append(f"Goal: under 5% of roll-out tokens/s when nothing repeats: {goal(ok)}.\n")
 
 
+def section_optimizers(out: list[str], status: dict) -> None:
+    out.append("## 11. AdamW vs Muon (`sft.optimizer`, `rl.optimizer`) on the tiny recipe\n")
+    r = load("optimizers")
+    if not r:
+        out.append(missing("optimizers", status))
+        return
+    out.append(f"`{r['command']}`\n")
+    w = r.get("warmup")
+    if w:
+        out.append(f"(a) Warm-up: `{w['recipe']}`'s warm-up data and schedule, {w['steps']} steps of {w['batch_size']} "
+                   "conversations, both optimizers from the same initial weights on the same batches, their steps "
+                   f"alternating; held-out loss on {w['heldout_conversations']} conversations. One `lr` for both (Muon's "
+                   f"step scaled to AdamW's RMS; Muon lr factor {w['muon_lr_factor']:g}). Muon's first step includes "
+                   "the torch.compile of DeepSpeed's Newton-Schulz kernels.\n")
+        table_header(out, "| optimizer | train loss at steps 25 / 100 / last | held-out loss, last | training s | "
+                          "median step s | first step s |")
+        for name, c in w["curves"].items():
+            by_step = {x["step"]: x["loss"] for x in c["steps"]}
+            picks = " / ".join(f"{by_step[k]:.3f}" if k in by_step else "-" for k in (25, 100, c["steps"][-1]["step"]))
+            out.append(f"| {name} | {picks} | {c['final_eval_loss']:.4f} | {c['steps'][-1]['seconds']:.0f} | "
+                       f"{c['median_step_seconds']:.2f} | {c['first_step_seconds']:.1f} |")
+        out.append("")
+    rl = r.get("rl")
+    if rl:
+        table_header(out, "| optimizer | runs | held-out before -> after (each run) | median gain | "
+                          "median gain per 1k samples |")
+        for name, runs in rl["runs"].items():
+            each = ", ".join(f"{x['accuracy_before_rl']:.3f} -> {x['accuracy_after_rl']:.3f}" for x in runs)
+            sm = rl["summary"][name]
+            out.append(f"| {name} | {len(runs)} | {each} | {sm['median_gain']:+.3f} | "
+                       f"{sm['median_gain_per_1k_samples']:+.4f} |")
+        out.append("")
+
+
 def summary() -> list[str]:
     """One row per ratio the suite measures, with its goal."""
     rows = []
@@ -593,7 +627,7 @@ def build(status: dict) -> str:
         out.append("")
     out.extend(summary())
     for section in (section_throughput, section_rollout, section_sync, section_trainer, section_rewards,
-                    section_learning, section_gpu, section_vl, section_partial, section_repeat):
+                    section_learning, section_gpu, section_vl, section_partial, section_repeat, section_optimizers):
         try:
             section(out, status)
         except (KeyError, TypeError, ValueError) as e:  # a result file of an older format: say so, go on
