@@ -155,8 +155,8 @@ def sample_responses(recipe: Recipe, model: Path, tokenizer, work: Path, log=pri
                               seed=recipe.run.seed, chunk_size=l2s.chunk_size, reward_workers=recipe.reward.num_workers,
                               reward_timeout_s=recipe.reward.timeout_s, tokenizer=tokenizer,
                               system_template=work / "templates" / "system.txt",
-                              user_template=work / "templates" / "user.txt", fingerprint=fingerprint, progress=False,
-                              log=log)
+                              user_template=work / "templates" / "user.txt", fingerprint=fingerprint,
+                              progress=sys.stderr.isatty(), log=log)  # a bar on a terminal
     finally:
         teacher.close()
     if not stats["traces_kept"]:
