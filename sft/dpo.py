@@ -197,7 +197,7 @@ def run_dpo(settings: DPOSettings, optim: OptimConfig, sequences: list[EncodedCo
     import ray
 
     from sft.data import batch_stream
-    from sft.train import _save_state
+    from sft.train import _resume, _save_state
     from thinkrl.cluster import check_shared_storage, release, trainer_group
     from thinkrl.fileio import atomic_directory
     from thinkrl.metrics import truncate_jsonl
@@ -215,7 +215,7 @@ def run_dpo(settings: DPOSettings, optim: OptimConfig, sequences: list[EncodedCo
     check_shared_storage(workers, out_dir.parent, "dpo trainer rank")
     per_rank = max(settings.micro_batches, settings.batch_size // num_trainers)
     reference = _reference(workers, sequences, state_root, max(1, 2 * per_rank // settings.micro_batches), log)
-    start_step = _resume(workers, state_root, log)
+    start_step = _resume(workers, state_root, log, tag="dpo")
     if metrics_file:  # what was logged after the state it resumes from is logged again
         truncate_jsonl(Path(metrics_file), "step", start_step or None)
     stream = batch_stream(pairs, per_rank * num_trainers, seed, start_step=start_step)
@@ -272,21 +272,6 @@ def _reference(workers: list, sequences: list, state_root: Path, per_call: int, 
     atomic_write_json(path, out)
     log(f"[dpo] reference log-probs of {len(out)} sequences in {time.time() - t0:.0f}s")
     return out
-
-
-def _resume(workers: list, state_root: Path, log) -> int:
-    """Restore the last saved state, if any; the step it was saved at (0: a fresh stage)."""
-    import ray
-
-    from sft.train import _latest_state
-
-    latest = _latest_state(state_root)
-    if not latest:
-        return 0
-    step, path = latest
-    ray.get([w.load_state.remote(str(path)) for w in workers])
-    log(f"[dpo] resumed from {path} (step {step})")
-    return step
 
 
 def _record(step: int, results: list[dict]) -> dict:

@@ -195,8 +195,8 @@ def _start_workers(sft: SFTConfig, model_path: str, seed: int, num_trainers: int
     )
 
 
-def _resume(workers: list, state_root: Path, log) -> int:
-    """Restore the last resumable state, if any; the step it was saved at (0: a fresh warmup)."""
+def _resume(workers: list, state_root: Path, log, tag: str = "sft") -> int:
+    """Restore the last resumable state, if any; the step it was saved at (0: a fresh stage)."""
     import ray
 
     latest = _latest_state(state_root)
@@ -204,7 +204,7 @@ def _resume(workers: list, state_root: Path, log) -> int:
         return 0
     step, path = latest
     ray.get([w.load_state.remote(str(path)) for w in workers])
-    log(f"[sft] resumed from {path} (step {step})")
+    log(f"[{tag}] resumed from {path} (step {step})")
     return step
 
 
