@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import hangs
 import pytest
 
 from thinkrl.reaper import _processes, descendants
@@ -39,11 +40,7 @@ def _start(run_dir: Path, cache: Path, log: Path) -> subprocess.Popen:
 
 
 def _wait_for(driver: subprocess.Popen, log: Path, marker: str) -> None:
-    deadline = time.time() + 900
-    while marker not in log.read_text(errors="replace"):
-        assert driver.poll() is None, f"the run ended before {marker!r}:\n{log.read_text()[-4000:]}"
-        assert time.time() < deadline, f"no {marker!r} in 900 s"
-        time.sleep(0.2)
+    hangs.wait_for(driver, log, marker, 900)
 
 
 def _tree(driver: int) -> dict[tuple[int, str], str]:
@@ -97,7 +94,7 @@ def test_killed_runs_and_actors_leave_nothing_running_and_resume_to_one_record_p
     time.sleep(1.0)
     tree = _tree(driver.pid)
     _kill_actor(tree, "ray::PMDWorker")
-    assert driver.wait(timeout=600) == 4, log.read_text()[-6000:]
+    assert hangs.wait(driver, log, 600) == 4, log.read_text()[-6000:]
     out = log.read_text()
     last = json.loads((run_dir / "checkpoints" / "rl" / "latest.json").read_text())["iteration"]
     assert "error: trainer rank 0 died in iteration" in out
@@ -109,7 +106,7 @@ def test_killed_runs_and_actors_leave_nothing_running_and_resume_to_one_record_p
     final = _start(run_dir, cache, log)
     _wait_for(final, log, "[rl] probe gap on identical weights")
     _kill_actor(_tree(final.pid), "ray::RolloutEngine")
-    assert final.wait(timeout=1200) == 0, log.read_text()[-6000:]
+    assert hangs.wait(final, log, 1200) == 0, log.read_text()[-6000:]
     out = log.read_text()
     assert "[sft] step" not in out and "[rl] resumed from" in out and "[rl] iter 3/3" in out
     assert "died during" in out and "restarting it with the current weights (restart 1 of at most 3)" in out

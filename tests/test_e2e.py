@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hangs
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -32,10 +33,8 @@ def _train(run_dir, cache, *overrides, check=True, pythonpath=""):
     # a private local cluster, even when a Ray head (e.g. `make demo`'s) runs on this machine
     env = {**os.environ, "THINKRL_CACHE": str(cache), "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_ADDRESS": "local",
            "PYTHONPATH": pythonpath}
-    out = subprocess.run(
-        [sys.executable, "-m", "rl.train", "recipes/tiny.yaml", f"run.output_dir={run_dir}", *SMALL, *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-    )
+    out = hangs.run([sys.executable, "-m", "rl.train", "recipes/tiny.yaml", f"run.output_dir={run_dir}", *SMALL,
+                     *overrides], timeout=1200, cwd=REPO, env=env)
     if check:
         assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     return out
@@ -156,7 +155,6 @@ def test_bad_recipe_and_data_fail_before_anything_starts(tmp_path):
 def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path):
     """`kill` / `ray job stop` on a running driver: exit 128+15, and no trainer, engine or Ray process left."""
     import signal
-    import time
 
     import psutil
 
@@ -169,10 +167,7 @@ def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path):
              "sft.enabled=false", "rl.iterations=1000"],
             cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 600
-        while "[rl] iter 1/" not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+        hangs.wait_for(proc, log, "[rl] iter 1/", 600)
         def cmdline(p):
             try:
                 return " ".join(p.cmdline())
@@ -182,7 +177,7 @@ def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path):
         started = psutil.Process(proc.pid).children(recursive=True)  # Ray's processes, actors, vLLM's
         assert any("RolloutEngine" in cmdline(p) for p in started)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+        assert hangs.wait(proc, log, 120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
         assert "terminated (SIGTERM)" in log.read_text()
         _, alive = psutil.wait_procs(started, timeout=30)
         alive = [cmdline(p)[:100] for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

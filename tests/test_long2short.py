@@ -10,10 +10,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import hangs
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -341,8 +341,7 @@ EVALUATE_FIELDS = {"accuracy", "mean_response_tokens", "n_prompts", "samples_per
 
 
 def _command(*args, env):
-    out = subprocess.run([sys.executable, "-m", "thinkrl.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = hangs.run([sys.executable, "-m", "thinkrl.cli", *args], timeout=900, cwd=REPO, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     return out
 

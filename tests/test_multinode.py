@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import hangs
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -73,9 +74,9 @@ class TwoNodes:
 
     def submit(self, code: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
         runtime_env = {"env_vars": {"THINKRL_CACHE": str(self.root / "cache")}}
-        return subprocess.run(["ray", "job", "submit", "--address", self.dashboard, "--working-dir", str(code),
-                               "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "rl.train", *args],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        return hangs.run(["ray", "job", "submit", "--address", self.dashboard, "--working-dir", str(code),
+                          "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "rl.train", *args],
+                         timeout=timeout, env=self.env)
 
     def close(self) -> None:
         pids = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True).stdout.split()

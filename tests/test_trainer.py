@@ -164,3 +164,30 @@ def test_synced_and_exported_weights_are_the_trainers(worker, tmp_path):
         if name != "lm_head.weight" or "lm_head.weight" in synced:  # a tied head travels once
             torch.testing.assert_close(synced[name], tensor, rtol=0, atol=0)
         torch.testing.assert_close(reloaded[name], tensor)
+
+
+def test_a_rank_starts_past_a_stale_extension_lock(tiny_dense, tmp_path):
+    """A process killed while torch compiled an extension leaves `lock` in its build folder, and torch then
+    waits for it without end. On CPU a rank must not build DeepSpeed's shared-memory op at all: with such a
+    lock planted in a fresh extensions folder, a rank starts and computes, and nothing is built there."""
+    import subprocess
+    import sys
+
+    extensions = tmp_path / "torch_extensions"  # with TORCH_EXTENSIONS_DIR set, torch builds in <dir>/<op name>
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    code = (
+        "from rl.trainer import PMDWorker\n"
+        "from thinkrl.cluster import free_port\n"
+        "from thinkrl.train_engine import DistConfig, OptimConfig\n"
+        f"w = PMDWorker({str(tiny_dense)!r}, OptimConfig(lr=1e-3), DistConfig(master_port=free_port()), seed=0)\n"
+        "print('logprob', sum(w.probe_logprobs([1, 2, 3, 4], 2)))\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu"}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the rank waited on the planted lock for 180 s; its output: {e.stderr!r:.2000}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "logprob" in out.stdout
+    assert [p.name for p in extensions.rglob("*") if p.is_file()] == ["lock"]

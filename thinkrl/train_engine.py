@@ -104,6 +104,7 @@ def lr_lambda(optim: OptimConfig):
 
 
 OPTIMIZERS = ("adamw", "muon")
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's name of its CPU shared-memory all-reduce op (turned off)
 
 
 def takes_muon(name: str, shape: Sequence[int]) -> bool:
@@ -196,6 +197,12 @@ class TrainEngine:
             RANK=str(dist.rank), LOCAL_RANK="0" if self.device.type == "cpu" else str(torch.cuda.current_device()),
             WORLD_SIZE=str(dist.world_size), MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port),
         )
+        if self.device.type == "cpu":
+            # DeepSpeed would compile its shared-memory all-reduce here on each machine's first start (~30 s
+            # on 2 cores, again whenever the compiler's command line differs) under torch's lock file, which a
+            # process killed mid-build leaves behind: every later start on the machine then waits for it
+            # forever. The op serves inference all-reduce only, which training never calls; gloo does the rest.
+            deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size = dist.rank, dist.world_size
         self.model_path = Path(model_path)
