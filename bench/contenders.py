@@ -81,10 +81,11 @@ class ThinkrlLoop:
         import ray
 
         from rl.sync import sync_weights
+        from thinkrl.arena import PublishedWeights
         from thinkrl.train_engine import WeightBucket
 
         bucket = ray.put(WeightBucket.pack({k: v.detach() for k, v in state_dict.items()}))
-        ray.get([e.load_weights.remote([bucket]) for e in self.engines])
+        ray.get([e.load_weights.remote(PublishedWeights(node="", arena=None, refs=[bucket])) for e in self.engines])
         del bucket
         result = self.evaluate(seed)
         sync_weights(self.trainers, self.engines)

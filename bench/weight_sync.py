@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/weight_sync.py --models tiny-dense tiny-moe large --reps 5
 
-For each model a real DeepSpeed `PMDWorker` actor and a real `RolloutEngine` actor are started, and the
-driver's own path is timed (`rl.sync.sync_weights`: the trainer puts its weights into Ray's object store
-bucket by bucket, the engine stages them into the shared memory its vLLM worker maps and the worker loads
-them in place, then the prefix cache is dropped), split into publish and load. GB/s = parameter bytes /
-seconds.
+For each model a real DeepSpeed `PMDWorker` actor and one real `RolloutEngine` actor per
+`rollout.cpu_weights` mode are started, and the driver's own path is timed (`rl.sync.sync_weights`: the
+trainer copies its weights bucket by bucket into its shared-memory arena, the engine's vLLM worker maps it
+and loads them in place, then the prefix cache is dropped), split into publish and load; the engines take
+turns, and each decodes a batch between syncs (16 prompts x 64 tokens: the decode cost of plain weights).
+GB/s = parameter bytes / seconds.
 
 The limit: the bytes cross memory at least twice (out of the trainer's parameters, into the engine's;
-today: trainer -> object store -> the engine's arena -> vLLM's parameters, and on CPU vLLM also repacks
-linear weights for oneDNN), so the memory-copy bound of a sync is 2 x bytes / memcpy bandwidth. The memcpy bandwidth is measured here (a 1 GiB `Tensor.copy_`, median of
+"plain": exactly that; "packed": vLLM also re-materialises each layer and repacks its weight for oneDNN),
+so the memory-copy bound of a sync is 2 x bytes / memcpy bandwidth. The memcpy bandwidth is measured here (a 1 GiB `Tensor.copy_`, median of
 5). The report gives sync seconds / that bound (1.0 would be perfect).
 
 "large" is a random-initialised Qwen2-style model of about --large-params parameters built offline with
@@ -70,39 +71,63 @@ def build_large_model(out: Path, params: float) -> Path:
     return out
 
 
-def measure(model_path: Path, reps: int) -> dict:
+def measure(model_path: Path, reps: int, modes: list[str]) -> dict:
+    """Sync times into one engine per `rollout.cpu_weights` mode, the engines taking turns, and each engine's
+    decode tokens/s between syncs (the price of plain weights)."""
     import ray
 
     from rl.sync import sync_weights
     from rl.trainer import PMDWorker
-    from rollout.engine import EngineSettings, RolloutEngine
+    from rollout.engine import EngineSettings, RolloutEngine, RolloutSettings
     from thinkrl.cluster import remote_actor, trainer_group
     from thinkrl.train_engine import DistConfig, OptimConfig
 
     trainers = trainer_group(PMDWorker, 1, lambda r, a, p: (str(model_path), OptimConfig(lr=1e-5),
                                                              DistConfig(r, 1, a, p, 1), 0), wait=False)
-    engine = remote_actor(RolloutEngine).remote(EngineSettings(model_path=str(model_path), enforce_eager=True,
-                                                               max_model_len=512, gpu_memory_utilization=0.15))
-    ray.get([a.__ray_ready__.remote() for a in [*trainers, engine]])  # both start at once, as in rl.train
-    totals, exports, loads = [], [], []
+    engines = {mode: remote_actor(RolloutEngine).remote(EngineSettings(
+        model_path=str(model_path), enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.15,
+        cpu_weights=mode)) for mode in modes}
+    ray.get([a.__ray_ready__.remote() for a in [*trainers, *engines.values()]])  # all start at once, as in rl.train
+    prompts = [[5 + (7 * i + j) % 200 for j in range(32)] for i in range(16)]
+    rollout = RolloutSettings(n=1, max_tokens=64, temperature=1.0)
+    runs = {mode: {"sync": [], "publish": [], "load": [], "decode": []} for mode in modes}
     try:
-        sync_weights(trainers, [engine])  # warm-up: the first sync allocates the engine's arena
-        for _ in range(reps):
-            totals.append(sync_weights(trainers, [engine]))
-            start = time.perf_counter()
-            refs = ray.get(trainers[0].publish_weights.remote())
-            exports.append(time.perf_counter() - start)
-            nbytes = sum(b.nbytes for b in ray.get(refs))
-            start = time.perf_counter()
-            ray.get(engine.load_weights.remote(refs))
-            loads.append(time.perf_counter() - start)
-            del refs
+        for engine in engines.values():
+            sync_weights(trainers, [engine])  # warm-up: the first sync sizes the arena and faults its pages in
+        for rep in range(reps):
+            for mode in (modes if rep % 2 == 0 else modes[::-1]):
+                engine, run = engines[mode], runs[mode]
+                run["sync"].append(sync_weights(trainers, [engine]))
+                node = ray.get(engine.node_id.remote())
+                start = time.perf_counter()
+                published = ray.get(trainers[0].publish_weights.remote([node]))
+                run["publish"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                ray.get(engine.load_weights.remote(published))
+                run["load"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                out = ray.get(engine.generate.remote(prompts, rollout))
+                run["decode"].append(sum(len(c.token_ids) for g in out for c in g) / (time.perf_counter() - start))
+        nbytes = sum(_nbytes(dtype, shape) for _, dtype, shape, _ in published.arena[2])
     finally:
-        for actor in [*trainers, engine]:
+        for actor in [*trainers, *engines.values()]:
             ray.kill(actor)
-    return {"transport": "Ray object store -> memfd arena -> vLLM reload_weights",
-            "bytes": nbytes, "sync_s": spread(totals), "export_s": spread(exports), "load_s": spread(loads),
-            "gb_per_s": spread([nbytes / t / 1e9 for t in totals])}
+    return {mode: {"transport": "trainer's memfd arena (same node) -> vLLM worker: "
+                                + ("load_weights into plain weights (one copy)" if mode == "plain" else
+                                   "reload_weights (re-materialise, copy, repack for oneDNN)"),
+                   "cpu_weights": mode, "bytes": nbytes, "sync_s": spread(run["sync"]),
+                   "export_s": spread(run["publish"]), "load_s": spread(run["load"]),
+                   "gb_per_s": spread([nbytes / t / 1e9 for t in run["sync"]]),
+                   "decode_tokens_per_s": spread(run["decode"])} for mode, run in runs.items()}
+
+
+def _nbytes(dtype: str, shape) -> int:
+    import torch
+
+    n = getattr(torch, dtype).itemsize
+    for d in shape:
+        n *= d
+    return n
 
 
 def main(argv=None) -> int:
@@ -110,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["tiny-dense", "tiny-moe", "large"])
     p.add_argument("--large-params", type=float, default=0.5e9, help="parameters of the 'large' random model")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--cpu-weights", nargs="+", default=["packed", "plain"], choices=["packed", "plain"],
+                   help="rollout.cpu_weights modes compared (one engine each, taking turns)")
     p.add_argument("--name", default="weight_sync")
     args = p.parse_args(argv)
     setup_env()
@@ -125,19 +152,22 @@ def main(argv=None) -> int:
         else:
             path = ensure_tiny_model(name, WORK_DIR / "cache" / "models")
         try:
-            r = measure(path, args.reps)
+            # plain weights need a dense model (vLLM-CPU packs fused-MoE experts for its own kernel)
+            measured = measure(path, args.reps, [m for m in args.cpu_weights if m == "packed" or name != "tiny-moe"])
         except Exception as e:  # one model's failure is a result too; the others are still measured
             cause = e.__cause__ or e
             results[name] = {"error": f"{type(e).__name__}: {str(e)[-800:]}" + (
                 f" (caused by {type(cause).__name__}: {str(cause)[-400:]})" if cause is not e else "")}
             print(f"[bench] {name}: sync failed: {results[name]['error']}", flush=True)
             continue
-        bound = 2 * r["bytes"] / (bandwidth["gb_per_s"] * 1e9)
-        r["memcpy_bound_s"] = bound
-        r["sync_over_bound"] = spread([t / bound for t in [r["sync_s"]["median"]]])["median"]
-        results[name] = r
-        print(f"[bench] {name}: {r['bytes'] / 1e9:.3f} GB, sync {r['sync_s']['median']:.3f}s "
-              f"({r['gb_per_s']['median']:.2f} GB/s; memcpy bound {bound:.3f}s)", flush=True)
+        for mode, r in measured.items():
+            bound = 2 * r["bytes"] / (bandwidth["gb_per_s"] * 1e9)
+            r["memcpy_bound_s"] = bound
+            r["sync_over_bound"] = r["sync_s"]["median"] / bound
+            results[f"{name} ({mode})"] = r
+            print(f"[bench] {name} ({mode}): {r['bytes'] / 1e9:.3f} GB, sync {r['sync_s']['median']:.3f}s "
+                  f"({r['gb_per_s']['median']:.2f} GB/s; memcpy bound {bound:.3f}s; "
+                  f"decode {r['decode_tokens_per_s']['median']:.1f} tokens/s)", flush=True)
     write_result(args.name, {"memcpy": bandwidth, "models": results, "reps": args.reps}, command_line())
     return 0
 

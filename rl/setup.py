@@ -115,7 +115,7 @@ def start_engine(recipe: Recipe, model: Path, index: int, group=None, wait: bool
         model_path=str(model), seed=recipe.run.seed + index, max_model_len=ro.max_model_len,
         tensor_parallel_size=ro.tensor_parallel_size, enforce_eager=ro.enforce_eager,
         gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kv_cache_gb=ro.cpu_kv_cache_gb,
-        cpu_share=(index, ro.num_engines) if ro.num_engines > 1 else None,
+        cpu_share=(index, ro.num_engines) if ro.num_engines > 1 else None, cpu_weights=ro.cpu_weights,
     ))
     remember_group(engine, group)
     if wait:

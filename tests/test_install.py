@@ -43,9 +43,10 @@ from thinkrl.models import build_tiny_model, load_causal_lm, load_tokenizer
 from thinkrl.train_engine import WeightBucket, checkpoint_format
 
 if __name__ == "__main__":
-    path, out = build_tiny_model(sys.argv[1], sys.argv[2] + "/base"), sys.argv[2]
+    path, out, cpu_weights = build_tiny_model(sys.argv[1], sys.argv[2] + "/base"), sys.argv[2], sys.argv[3]
     settings = dict(enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.15)
-    engine = RolloutEngine(EngineSettings(model_path=str(path), **settings))
+    engine = RolloutEngine(EngineSettings(model_path=str(path), cpu_weights=cpu_weights, **settings))
+    print("PLAIN", int(all(engine.llm.collective_rpc("thinkrl_plain_weights"))))
     ids = list(range(5, 60))
     before = engine.prompt_logprobs(ids, 10)
     model = load_causal_lm(path)
@@ -69,13 +70,13 @@ if __name__ == "__main__":
 """
 
 
-def _run(script_text: str, kind: str, tmp_path) -> str:
+def _run(script_text: str, kind: str, tmp_path, *args: str) -> str:
     import os
 
     script = tmp_path / "script.py"
     script.write_text(script_text)
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    out = subprocess.run([sys.executable, str(script), kind, str(tmp_path / kind)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(script), kind, str(tmp_path / kind), *args], capture_output=True, text=True,
                          timeout=600, env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     return out.stdout
@@ -94,10 +95,14 @@ def test_vllm_serves_tiny_model(kind, tmp_path):
     assert "SERVED" in _run(SERVE, kind, tmp_path)
 
 
-def test_moe_weight_sync_serves_the_new_weights(tmp_path):
-    """Dense models are covered by every RL test (the probe after each sync); the MoE needed a fix."""
-    out = _run(SYNC, "tiny-moe", tmp_path)
-    values = dict(line.split() for line in out.splitlines() if line.startswith(("CHANGED", "SYNC_GAP", "TRAINER_GAP")))
+@pytest.mark.parametrize("kind,cpu_weights", [("tiny-moe", "packed"), ("tiny-dense", "plain")])
+def test_weight_sync_serves_the_new_weights(kind, cpu_weights, tmp_path):
+    """Packed dense engines are covered by every RL test (the probe after each sync); the MoE needed a fix,
+    and plain weights (`rollout.cpu_weights=plain`) load by another path (`model.load_weights`)."""
+    out = _run(SYNC, kind, tmp_path, cpu_weights)
+    values = dict(line.split() for line in out.splitlines()
+                  if line.startswith(("PLAIN", "CHANGED", "SYNC_GAP", "TRAINER_GAP")))
+    assert values["PLAIN"] == ("1" if cpu_weights == "plain" else "0")  # the worker loads by the path asked for
     assert float(values["CHANGED"]) > 0.05  # the new weights change the log-probs...
     assert float(values["SYNC_GAP"]) < 1e-5  # ...and the synced engine serves exactly them
     # and the engine runs the trainer's model, to float32 rounding: vLLM once routed the tiny MoE with softmax

@@ -254,7 +254,9 @@ def partial_loop(ray_local, tmp_path_factory, tiny_dense):
         "rollout.num_engines=1", "rollout.max_tokens=30", "rollout.partial.segment_tokens=12",
         "rollout.partial.max_segments=2", "rl.prompts_per_iteration=2", "rl.samples_per_prompt=8",
         "rl.mini_batches=1", "rl.lr=3e-3", "rl.old_logprobs=trainer", "reward.rewards=['user_rewards:coin']",
-        "reward.num_workers=1", "sampler.kind=uniform"])
+        "reward.num_workers=1", "sampler.kind=uniform",
+        # the engine keeps plain weights: its syncs (one copy out of the trainer's arena) pass the probe here
+        "rollout.cpu_weights=plain"])
     run = prepare_run(recipe.run, recipe.model, recipe.data)
     trainers, engines = start_actors(recipe, tiny_dense, None, run.dir)
     rewards = RewardSet(recipe.reward.rewards, 1, 10.0)

@@ -50,23 +50,34 @@ def test_weight_buckets_round_trip_through_bytes_in_every_dtype():
 
 
 def test_the_arena_hands_tensors_to_another_reader_and_grows():
-    from rollout.engine import WeightArena
+    from thinkrl.arena import WeightArena
+
+    def read(arena, tensors, layout):  # what a vLLM worker does: open the writer's fd by its /proc path
+        with open(arena.path, "rb") as f:
+            view = mmap.mmap(f.fileno(), arena.size, prot=mmap.PROT_READ)
+        raw = bytes(view)
+        view.close()
+        for (name, tensor), (lname, dtype, shape, offset) in zip(tensors, layout, strict=True):
+            n = tensor.numel() * tensor.element_size()
+            got = torch.frombuffer(bytearray(raw[offset : offset + n]), dtype=getattr(torch, dtype)).view(shape)
+            assert lname == name and torch.equal(got, tensor)
 
     arena = WeightArena()
     try:
         first = [("x", torch.randn(10, 3)), ("y", torch.randn(5).to(torch.bfloat16))]
         layout = arena.stage(first)
         assert all(offset % 64 == 0 for *_, offset in layout)
-        with open(arena.path, "rb") as f:  # what a vLLM worker does: open the engine's fd by its /proc path
-            view = mmap.mmap(f.fileno(), arena.size, prot=mmap.PROT_READ)
-        raw = bytes(view)
-        view.close()
-        for (name, tensor), (lname, dtype, shape, offset) in zip(first, layout, strict=True):
-            n = tensor.numel() * tensor.element_size()
-            got = torch.frombuffer(bytearray(raw[offset : offset + n]), dtype=getattr(torch, dtype)).view(shape)
-            assert lname == name and torch.equal(got, tensor)
-        size = arena.size
-        arena.stage([("z", torch.randn(100, 100))])  # bigger: a new arena
-        assert arena.size > size
+        read(arena, first, layout)
+        size, path = arena.size, arena.path
+        # the next bucket of a sync goes after the first, and the arena grows in place, keeping it
+        second = [("z", torch.randn(100, 100)), ("w", torch.arange(7).view(7, 1))]
+        layout += arena.stage(second, arena.end)
+        assert arena.size > size and arena.path == path and layout[2][3] >= layout[1][3] + 5 * 2
+        read(arena, first + second, layout)
+        # a later sync writes over the same bytes: nothing is allocated again
+        again = [(name, torch.zeros_like(t)) for name, t in first + second]
+        grown = arena.size
+        assert arena.stage(again) == layout and arena.size == grown
+        read(arena, again, layout)
     finally:
         arena.close()

@@ -205,6 +205,7 @@ class TrainEngine:
             deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size = dist.rank, dist.world_size
+        self.arena = None  # rank 0's shared memory for engines on its node (`publish_weights`)
         self.model_path = Path(model_path)
         # read now: the folder may be gone when a checkpoint is written (an RL run resumed from a
         # checkpoint that rl.keep_checkpoints has since pruned)
@@ -356,22 +357,38 @@ class TrainEngine:
             state.update({k: v.to("cpu", copy=True).contiguous() for k, v in bucket.items()})
         return state
 
-    def publish_weights(self, bucket_bytes: int = 256 << 20) -> list:
-        """Put the weights into Ray's object store, bucket by bucket; rank 0 returns the buckets' references.
+    def publish_weights(self, engine_nodes: Sequence[str], bucket_bytes: int = 256 << 20):
+        """Hand the weights to engines on the Ray nodes `engine_nodes`, bucket by bucket; rank 0 returns where
+        they are, the other ranks None.
 
-        Every rank calls it (ZeRO-3 gathers are collectives). A bucket is a `WeightBucket`: names,
-        dtypes, shapes and the raw bytes as one uint8 array per tensor, which Ray stores without
-        pickling (one copy into the store, zero copies when an engine on the same node reads it; a
-        node elsewhere pulls it over the network). Nothing touches a file; the store frees a bucket
-        once every holder of its reference is gone.
+        Every rank calls it (ZeRO-3 gathers are collectives). Engines on rank 0's node read them from rank
+        0's shared-memory arena (`thinkrl.arena`: one copy out of the parameters, which the engines' vLLM
+        workers map and copy into their own); for a node elsewhere each bucket also goes into Ray's object
+        store as a `WeightBucket` (raw bytes, stored without pickling; the other node pulls it over the
+        network). Nothing touches a file; the store frees a bucket once every holder of its reference is
+        gone, and the arena dies with this process.
         """
         import ray
 
-        refs = []
+        from thinkrl.arena import PublishedWeights, WeightArena
+
+        node = ray.get_runtime_context().get_node_id()
+        to_arena, to_store = node in engine_nodes, any(n != node for n in engine_nodes)
+        if to_arena and self.rank == 0 and self.arena is None:
+            self.arena = WeightArena()
+        layout, offset, refs = [], 0, []
         for bucket in self.weight_buckets(bucket_bytes):
-            if bucket:
+            if not bucket:
+                continue
+            if to_arena:
+                layout += self.arena.stage(bucket.items(), offset)
+                offset = self.arena.end
+            if to_store:
                 refs.append(ray.put(WeightBucket.pack(bucket)))
-        return refs
+        if self.rank != 0:
+            return None
+        return PublishedWeights(node, (self.arena.path, self.arena.size, layout) if to_arena else None,
+                                refs if to_store else None)
 
     def save_hf(self, out_dir: str | Path) -> None:
         """Write a Hugging Face checkpoint (model + tokenizer) into `out_dir`: every rank calls (under
