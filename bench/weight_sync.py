@@ -98,9 +98,9 @@ def measure(model_path: Path, reps: int, modes: list[str]) -> dict:
             for mode in (modes if rep % 2 == 0 else modes[::-1]):
                 engine, run = engines[mode], runs[mode]
                 run["sync"].append(sync_weights(trainers, [engine]))
-                node = ray.get(engine.node_id.remote())
+                target = ray.get(engine.sync_target.remote())
                 start = time.perf_counter()
-                published = ray.get(trainers[0].publish_weights.remote([node]))
+                published = ray.get(trainers[0].publish_weights.remote([target]))
                 run["publish"].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 ray.get(engine.load_weights.remote(published))
@@ -113,7 +113,7 @@ def measure(model_path: Path, reps: int, modes: list[str]) -> dict:
         for actor in [*trainers, *engines.values()]:
             ray.kill(actor)
     return {mode: {"transport": "trainer's memfd arena (same node) -> vLLM worker: "
-                                + ("load_weights into plain weights (one copy)" if mode == "plain" else
+                                + ("parameters view the arena (no copy after the first sync)" if mode == "plain" else
                                    "reload_weights (re-materialise, copy, repack for oneDNN)"),
                    "cpu_weights": mode, "bytes": nbytes, "sync_s": spread(run["sync"]),
                    "export_s": spread(run["publish"]), "load_s": spread(run["load"]),

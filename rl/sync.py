@@ -22,8 +22,8 @@ def sync_weights(trainers: list, engines: list) -> float:
     import ray
 
     start = time.time()
-    nodes = ray.get([e.node_id.remote() for e in engines])
-    published = ray.get([t.publish_weights.remote(nodes) for t in trainers])[0]
+    targets = ray.get([e.sync_target.remote() for e in engines])
+    published = ray.get([t.publish_weights.remote(targets) for t in trainers])[0]
     ray.get([e.load_weights.remote(published) for e in engines])
     del published  # the last references: the store frees the buckets
     return time.time() - start

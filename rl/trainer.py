@@ -218,10 +218,10 @@ class PMDWorker:
             raise ValueError("a prompt with images needs a vision-language model")
         return self.vision.expand(token_ids, images)
 
-    def publish_weights(self, engine_nodes: list[str], bucket_bytes: int = 256 << 20):
-        """Every rank calls; rank 0 returns where the weights are for engines on `engine_nodes`
+    def publish_weights(self, targets: list, bucket_bytes: int = 256 << 20):
+        """Every rank calls; rank 0 returns where the weights are for the engines' `targets`
         (`TrainEngine.publish_weights`)."""
-        return self.engine.publish_weights(engine_nodes, bucket_bytes)
+        return self.engine.publish_weights(targets, bucket_bytes)
 
     def save_hf(self, out_dir: str) -> None:
         self.engine.save_hf(out_dir)

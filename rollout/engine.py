@@ -120,6 +120,7 @@ class RolloutEngine:
                                "VLLM_ENABLE_V1_MULTIPROCESSING=0 set?), or the model has fused-MoE experts: use "
                                "cpu_weights=packed")
         self.stops_repeats = settings.stop_repeats
+        self.tensor_parallel_size = settings.tensor_parallel_size
         self._arena = WeightArena()
 
     def _build(self, settings: EngineSettings):
@@ -220,6 +221,14 @@ class RolloutEngine:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def sync_target(self) -> tuple[str, dict | None]:
+        """(this engine's Ray node, where its worker wants each tensor in the trainer's arena or None): what
+        `rl.sync.sync_weights` tells the trainer. With plain CPU weights and a placement known (from the first
+        sync), a trainer on this node writes the tensors where the engine's parameters then view them, and
+        the sync needs no copy on the engine's side (`rollout.worker_extension._alias_arena`)."""
+        placement = self.llm.collective_rpc("thinkrl_placement")[0] if self.tensor_parallel_size == 1 else None
+        return self.node_id(), placement
 
     def load_weights(self, published: PublishedWeights) -> int:
         """Load the trainer's weights (`thinkrl.train_engine.TrainEngine.publish_weights`); returns the tensor

@@ -6,6 +6,7 @@ vLLM mixes this class into its worker; the engine reaches these methods through
 
 from __future__ import annotations
 
+import math
 import os
 
 # Set by `rollout.engine.RolloutEngine` (inherited by its vLLM workers): on CPU, linear layers keep their
@@ -26,11 +27,16 @@ class WeightLoaderExtension:
         """Load the tensors `layout` places in the shared arena at `path` (`thinkrl.arena.WeightArena`)."""
         import logging
 
-        state = _arena_tensors(self, path, size, layout)
         if _plain_weights(self):
+            if _alias_arena(self, path, size, layout):
+                return len(layout)  # the parameters are the arena's memory: the trainer's copy was the sync
+            _unalias(self)  # the parameters are about to be written: their own memory again
+            if getattr(self, "_thinkrl_placement", False) is False:  # first sync: can the arena hold them?
+                self._thinkrl_placement = _placement(self.model_runner.model, layout)
             # every weight is a plain tensor the model computes with: one copy, arena -> parameters
-            self.model_runner.model.load_weights(weights=state)
+            self.model_runner.model.load_weights(weights=_arena_tensors(self, path, size, layout))
             return len(layout)
+        state = _arena_tensors(self, path, size, layout)
         # vLLM's in-place reload restores each layer to checkpoint format, loads, and re-runs the
         # post-load processing (on CPU the linear layers repack their weights for oneDNN). Layers with
         # buffers but no checkpoint weights (rotary embeddings) keep their tensors and make the reload
@@ -44,6 +50,11 @@ class WeightLoaderExtension:
             reload_log.setLevel(level)
         _repack_cpu_moe_experts(self.model_runner.model)
         return len(layout)
+
+    def thinkrl_placement(self) -> dict | None:
+        """Where this worker's parameters want each checkpoint tensor in a trainer's arena (`_placement`),
+        once a first sync has told it the tensors; None: not known yet, or the model cannot take it."""
+        return getattr(self, "_thinkrl_placement", None) or None
 
     def thinkrl_plain_weights(self) -> bool:
         """Whether this worker loads a sync by one copy into its parameters (`keep_plain_cpu_weights`)."""
@@ -75,8 +86,18 @@ def _plain_weights(worker) -> bool:
 
 
 def _arena_tensors(worker, path: str, size: int, layout: list):
-    """(name, tensor) views of the engine's weight arena, mapped read-only once and kept (re-mapped when
-    the engine grew it)."""
+    """(name, tensor) views of a weight arena (`_arena_bytes`)."""
+    import torch
+
+    arena = _arena_bytes(worker, path, size)
+    for name, dtype, shape, offset in layout:
+        dt = getattr(torch, dtype)
+        yield name, arena[offset : offset + dt.itemsize * math.prod(shape)].view(dt).view(shape)
+
+
+def _arena_bytes(worker, path: str, size: int):
+    """The arena at `path` as a uint8 tensor, mapped read-only once and kept (re-mapped when it grew or is
+    another one). Nobody writes through it: vLLM copies out of it, or computes with views of it."""
     import mmap
     import warnings
 
@@ -84,20 +105,80 @@ def _arena_tensors(worker, path: str, size: int, layout: list):
 
     mapped = getattr(worker, "_thinkrl_arena", None)
     if mapped is None or mapped[0] != (path, size):
-        if mapped is not None:
-            mapped[1].close()
+        # the old mapping is not closed: parameters may still view it (`_alias_arena`); it goes with them
         with open(path, "rb") as f:
             mapped = ((path, size), mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
         worker._thinkrl_arena = mapped
-    with warnings.catch_warnings():  # read-only memory: vLLM copies out of it, nobody writes into it
+    with warnings.catch_warnings():  # read-only memory (torch warns that tensors over it are not writable)
         warnings.simplefilter("ignore", UserWarning)
-        arena = torch.frombuffer(mapped[1], dtype=torch.uint8)
-    for name, dtype, shape, offset in layout:
-        dt = getattr(torch, dtype)
-        n = dt.itemsize
-        for d in shape:
-            n *= d
-        yield name, arena[offset : offset + n].view(dt).view(shape)
+        return torch.frombuffer(mapped[1], dtype=torch.uint8)
+
+
+def _placement(model, layout: list) -> dict | None:
+    """Byte offsets at which a trainer should put each checkpoint tensor so that every parameter of `model`
+    is one contiguous stretch of the arena: {"at": {name: offset}, "end": bytes}; None if some parameter is
+    not whole checkpoint tensors laid end to end (padding, sharding, a transform in its loader).
+
+    Found with vLLM's own loader rather than its name mappings: each checkpoint tensor is loaded filled with
+    its own number, and each parameter is read back as the runs of numbers it holds (a fused qkv is the q,
+    k and v numbers, each run exactly its tensor's size). The parameters hold these markers afterwards:
+    the caller loads the real weights next. Float32 only (markers up to 2**24 are exact there).
+    """
+    import torch
+
+    from thinkrl.arena import aligned
+
+    params = dict(model.named_parameters())
+    if (len(layout) >= 2**24 or any(dtype != "float32" for _, dtype, _, _ in layout)
+            or any(p.dtype != torch.float32 or not p.is_contiguous() for p in params.values())):
+        return None
+    model.load_weights(weights=((name, torch.full(shape, float(i + 1))) for i, (name, _, shape, _) in enumerate(layout)))
+    at, starts, end = {}, {}, 0
+    for pname, p in params.items():
+        starts[pname] = end
+        flat = p.detach().reshape(-1)
+        cuts = (torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1).tolist()
+        if len(cuts) > 16:  # more pieces than any fused layer has: not whole tensors
+            return None
+        for start, stop in zip([0, *cuts], [*cuts, flat.numel()], strict=True):
+            marker = flat[start].item()
+            index = int(marker) - 1
+            if marker != index + 1 or not 0 <= index < len(layout):
+                return None
+            name, _, shape, _ = layout[index]
+            if name in at or stop - start != math.prod(shape):
+                return None
+            at[name] = end + 4 * start
+        end = aligned(end + 4 * flat.numel())
+    if len(at) != len(layout):  # a checkpoint tensor that no parameter holds whole
+        return None
+    return {"at": at, "end": end, "params": starts}
+
+
+def _alias_arena(worker, path: str, size: int, layout: list) -> bool:
+    """If the arena holds the tensors where this worker's placement wants them, make every parameter a
+    read-only view of it (once per arena) and return True: the weights are then already in place."""
+    placement = getattr(worker, "_thinkrl_placement", None)
+    if not placement or len(layout) != len(placement["at"]) or any(
+            placement["at"].get(name) != offset for name, _, _, offset in layout):
+        return False
+    if getattr(worker, "_thinkrl_aliased", None) != (path, size):
+        import torch
+
+        arena = _arena_bytes(worker, path, size)
+        for name, p in worker.model_runner.model.named_parameters():
+            start = placement["params"][name]
+            p.data = arena[start : start + 4 * p.numel()].view(torch.float32).view(p.shape)
+        worker._thinkrl_aliased = (path, size)
+    return True
+
+
+def _unalias(worker) -> None:
+    """Give parameters that view an arena (`_alias_arena`) their own memory back, with the same values."""
+    if getattr(worker, "_thinkrl_aliased", None) is not None:
+        for p in worker.model_runner.model.parameters():
+            p.data = p.data.clone()
+        worker._thinkrl_aliased = None
 
 
 def _repack_cpu_moe_experts(model) -> None:

