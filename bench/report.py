@@ -204,8 +204,9 @@ def section_sync(out: list[str], status: dict) -> None:
                "moves every byte at least twice (out of the trainer's parameters, into the engine's), so its "
                "memory-copy bound is 2 x bytes / bandwidth. Transport: the trainer copies its weights into its "
                "shared-memory arena, the engine's vLLM worker maps it and loads them; the two `rollout.cpu_weights` "
-               "modes load differently (publish = the trainer's side, load = the engine's). One engine per mode, "
-               "taking turns; decode = tokens/s of 16 prompts x 64 tokens between syncs.\n")
+               "modes load differently (publish = the trainer's side, load = the engine's, each timed alone after "
+               "the whole sync). One engine per mode, taking turns; decode = tokens/s of 16 prompts x 64 tokens "
+               "between syncs.\n")
     table_header(out, "| model (cpu_weights) | weights | sync s (min / median / max) | publish s | load s | GB/s | "
                       "memcpy bound s | sync / bound | decode tokens/s |")
     for name, x in r["models"].items():
@@ -223,11 +224,13 @@ def section_sync(out: list[str], status: dict) -> None:
                "but vLLM's in-place reload re-materialises every layer, copies the weights in and repacks each "
                "linear weight for oneDNN (a packing pass that runs at 1.0-1.7 GB/s on 1-2 threads here, against "
                "a memcpy of 10-20 GB/s: 2.2 s of a 4.0 s reload of the 2 GB model, cProfile inside the worker, "
-               "AMD EPYC). `plain` computes with torch's linear on the weights themselves, so a sync is one "
-               "copy into them; on this AMD EPYC torch's float32 GEMM (MKL) decodes the large model slower than "
-               "oneDNN's packed kernel (table). Pick `plain` where syncs dominate (short roll-outs, frequent "
-               "syncs), `packed` where decoding does. For the tiny models a fixed cost (Ray calls, vLLM's "
-               "`collective_rpc`, the prefix-cache reset) dwarfs the bytes.\n")
+               "AMD EPYC). `plain` computes with torch's linear on the weights themselves, and after the first "
+               "sync those weights are views of the trainer's arena, laid out as the engine asked (one copy "
+               "in all: the trainer's, which is why it can come under the two-copy bound); on this AMD EPYC "
+               "torch's float32 GEMM (MKL) decodes the large model slower than oneDNN's packed kernel (table). "
+               "Pick `plain` where syncs dominate (short roll-outs, frequent syncs), `packed` where decoding "
+               "does. For the tiny models a fixed cost (Ray calls, vLLM's `collective_rpc`, the prefix-cache "
+               "reset) dwarfs the bytes.\n")
 
 
 def section_trainer(out: list[str], status: dict) -> None:

@@ -61,8 +61,9 @@ class RolloutConfig(Strict):
     cpu_kv_cache_gb: int = Field(1, ge=1)
     cpu_weights: Literal["packed", "plain"] = Field(
         "packed", description="on CPU, how the engines' linear layers hold their weights: packed (vLLM's oneDNN "
-        "handles: fastest decode; a weight sync re-packs every layer) or plain (torch's linear: a sync is one copy "
-        "into the weights, decode is slower; docs/benchmarks.md section 3 has both). Ignored on GPU")
+        "handles: fastest decode; a weight sync re-packs every layer) or plain (torch's linear on views of the "
+        "trainer's shared memory: a sync is the trainer's one copy, decode is slower; docs/benchmarks.md section 3 "
+        "has both). Dense float32 models; ignored on GPU")
     max_engine_restarts: int = Field(3, ge=0, description="engines that die (OOM, a crash) are restarted with the "
                                      "current weights and their step redone, this many times over the run")
     repeat: RepeatConfig = RepeatConfig()

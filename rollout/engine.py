@@ -85,8 +85,8 @@ class EngineSettings:
     # requests that do not ask for it. False: the engine exactly as vLLM ships it
     stop_repeats: bool = True
     # on CPU, how linear layers hold their weights: "packed" (vLLM's oneDNN handles: fastest decode, a sync
-    # re-packs every layer) or "plain" (torch's linear on the weights: a sync is one copy into them;
-    # `rollout.worker_extension.keep_plain_cpu_weights`). Ignored on GPU
+    # re-packs every layer) or "plain" (torch's linear on the weights, which become views of the trainer's
+    # arena: a sync copies nothing here; `rollout.worker_extension`). Ignored on GPU
     cpu_weights: str = "packed"
     extra: dict = field(default_factory=dict)
 
