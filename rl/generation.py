@@ -16,20 +16,30 @@ def generate(engines: list, prompts_ids: list[list[int]], settings: RolloutSetti
              images: list[list[bytes]] | None = None, max_tokens: list[int] | None = None,
              continued: list[int] | None = None) -> list[list[Completion]]:
     """Spread prompts (and their images, per-prompt budgets and continued lengths, if any: see
-    `RolloutEngine.generate`) over the engines (contiguous shards), gather results in prompt order."""
+    `RolloutEngine.generate`) over the engines, gather results in prompt order.
+
+    Prompts are dealt round-robin (prompt i to engine i mod E), not in contiguous shards: neighbouring
+    requests are alike (a group's k samples, the continued samples of a replay buffer), and so are their
+    lengths, so contiguous shards would give one engine the long ones while the others sit idle."""
     import ray
 
-    shard = -(-len(prompts_ids) // len(engines))
-    futures = []
+    futures, parts = [], []
     for e, engine in enumerate(engines):
-        part = prompts_ids[e * shard : (e + 1) * shard]
-        if part:
-            seed = None if settings.seed is None else settings.seed + e * shard
-            own = images[e * shard : (e + 1) * shard] if images and any(images) else None
-            budgets = None if max_tokens is None else max_tokens[e * shard : (e + 1) * shard]
-            prefix = None if continued is None else continued[e * shard : (e + 1) * shard]
-            futures.append(engine.generate.remote(part, dataclasses.replace(settings, seed=seed), own, budgets, prefix))
-    return [group for part in ray.get(futures) for group in part]
+        part = list(range(e, len(prompts_ids), len(engines)))
+        if not part:
+            continue
+        seed = None if settings.seed is None else settings.seed + e
+        own = [images[i] for i in part] if images and any(images) else None
+        budgets = None if max_tokens is None else [max_tokens[i] for i in part]
+        prefix = None if continued is None else [continued[i] for i in part]
+        futures.append(engine.generate.remote([prompts_ids[i] for i in part], dataclasses.replace(settings, seed=seed),
+                                              own, budgets, prefix))
+        parts.append(part)
+    out: list = [None] * len(prompts_ids)
+    for part, groups in zip(parts, ray.get(futures), strict=True):
+        for i, group in zip(part, groups, strict=True):
+            out[i] = group
+    return out
 
 
 def reward_inputs(rows: list[dict], groups: list[list[Completion]]) -> list[list[RewardInput]]:

@@ -306,7 +306,7 @@ def prepare_warmup(sft: SFTConfig, data, seed: int, run, log=print) -> Warmup | 
         # programmatic teacher, unverified: its slips are part of the recipe
         if data.task == "arithmetic":
             prompts = arithmetic.make_rows(sft.n_examples, seed=seed + 2, min_ops=data.min_ops, max_ops=data.max_ops,
-                                           exclude={r["prompt"] for r in run.heldout_rows})
+                                           long=data.long_problems(), exclude={r["prompt"] for r in run.heldout_rows})
         elif data.task == "reasoning_gym":
             from thinkrl.tasks import reasoning_gym
 

@@ -343,3 +343,31 @@ def test_an_importance_update_weighs_the_samples_that_span_two_weights(partial_l
     assert record["train/tokens_trained"] == record["train/response_tokens_in_update"]
     assert 0 < record["losses/importance_weight_mean"] <= settings.pmd.importance_clip
     assert record["sync/probe_gap_after_sync"] < 1e-3
+
+
+@pytest.mark.integration
+def test_requests_are_dealt_round_robin_and_come_back_in_order(ray_local):
+    """`rl.generation.generate` deals request i to engine i mod E (a group's samples, alike in length, are
+    spread over the engines), with each request's own budget and continued length, and returns the
+    results in request order."""
+    import ray
+
+    from rl.generation import generate
+    from rollout.engine import RolloutSettings
+
+    @ray.remote(num_cpus=0)
+    class Recorder:
+        def __init__(self, name: int) -> None:
+            self.name = name
+
+        def generate(self, prompts, settings, images, budgets, continued):
+            return [[(self.name, p, b, c, settings.seed)] for p, b, c in zip(prompts, budgets, continued, strict=True)]
+
+    engines = [Recorder.remote(e) for e in range(3)]
+    prompts = [[i, i + 1] for i in range(8)]
+    out = generate(engines, prompts, RolloutSettings(seed=100), max_tokens=[10 + i for i in range(8)],
+                   continued=[i % 2 for i in range(8)])
+    assert [g[0] for g in out] == [(i % 3, [i, i + 1], 10 + i, i % 2, 100 + i % 3) for i in range(8)]
+    # fewer requests than engines: the idle engines get no call
+    assert [g[0][0] for g in generate(engines, prompts[:2], RolloutSettings(), max_tokens=[1, 1],
+                                      continued=[0, 0])] == [0, 1]

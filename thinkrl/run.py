@@ -88,6 +88,10 @@ class DataConfig(Strict):
     n_heldout: int = Field(300, ge=1, description="embedded tasks and reasoning_gym: held-out problems")
     min_ops: int = Field(1, ge=1, le=10)
     max_ops: int = Field(5, ge=1, le=10)
+    long_share: float = Field(0.0, ge=0, le=1, description="arithmetic: share of problems drawn with long_min_ops.."
+                              "long_max_ops operations instead (a long tail of problem lengths: recipes/tiny-longtail.yaml)")
+    long_min_ops: int = Field(12, ge=1, le=40)
+    long_max_ops: int = Field(24, ge=1, le=40)
     min_count: int = Field(1, ge=1, le=8, description="shapes: fewest squares to count")
     max_count: int = Field(6, ge=1, le=8, description="shapes: most squares to count")
     max_distractors: int = Field(0, ge=0, le=6, description="shapes: up to this many squares of other colours")
@@ -100,9 +104,17 @@ class DataConfig(Strict):
             raise ValueError("task 'reasoning_gym' needs data.reasoning_gym.datasets, e.g. [{name: chain_sum}]")
         if self.min_ops > self.max_ops:
             raise ValueError("data.min_ops must be <= data.max_ops")
+        if self.long_min_ops > self.long_max_ops:
+            raise ValueError("data.long_min_ops must be <= data.long_max_ops")
         if self.min_count > self.max_count:
             raise ValueError("data.min_count must be <= data.max_count")
         return self
+
+    def long_problems(self):
+        """The arithmetic task's share of long problems (`thinkrl.tasks.arithmetic.LongProblems`)."""
+        from thinkrl.tasks.arithmetic import LongProblems
+
+        return LongProblems(self.long_share, self.long_min_ops, self.long_max_ops)
 
 
 @dataclass
@@ -145,7 +157,7 @@ def load_prompts(data: DataConfig, seed: int, data_dir: Path) -> tuple[list[dict
             heldout = reasoning_gym.make_rows(specs, data.n_heldout, seed, "heldout")
             train = reasoning_gym.make_rows(specs, data.n_train, seed, "train", exclude={r["prompt"] for r in heldout})
         elif data.task == "arithmetic":
-            ranges = dict(min_ops=data.min_ops, max_ops=data.max_ops)
+            ranges = dict(min_ops=data.min_ops, max_ops=data.max_ops, long=data.long_problems())
             heldout = arithmetic.make_rows(data.n_heldout, seed=seed + 1, **ranges)
             train = arithmetic.make_rows(data.n_train, seed=seed, exclude={r["prompt"] for r in heldout}, **ranges)
         else:

@@ -76,19 +76,40 @@ def sample_problem(rng: random.Random, num_ops: int) -> Problem:
     return Problem(tuple(terms), tuple(ops))
 
 
-def make_rows(n: int, seed: int, min_ops: int = 1, max_ops: int = 5, exclude: set[str] | None = None) -> list[dict]:
-    """`n` distinct problems as dataset rows: `id`, `prompt`, `answer`, `difficulty`."""
+@dataclass(frozen=True)
+class LongProblems:
+    """A share of problems drawn with many more operations: a long tail of problem lengths, so the long
+    responses are the ones the answer needs (RL cannot shorten them away, as it does a teacher's idle
+    re-checks). Off by default (`share` 0). Each row is long with probability `share`; a problem drawn twice
+    is redrawn of the same kind, so the share holds however few distinct short problems there are."""
+
+    share: float = 0.0
+    min_ops: int = 12
+    max_ops: int = 24
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.share <= 1 and 1 <= self.min_ops <= self.max_ops):
+            raise ValueError(f"LongProblems needs share in [0, 1] and 1 <= min_ops <= max_ops, got {self}")
+
+
+def make_rows(n: int, seed: int, min_ops: int = 1, max_ops: int = 5, exclude: set[str] | None = None,
+              long: LongProblems | None = None) -> list[dict]:
+    """`n` distinct problems as dataset rows: `id`, `prompt`, `answer`, `difficulty`. With `long`, each
+    problem is a long one (`long.min_ops..long.max_ops` operations) with probability `long.share`; without,
+    the draws are the same, byte for byte, as before the option existed."""
     rng = random.Random(seed)
     seen = set(exclude or ())
     rows = []
     attempts = 0
     while len(rows) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct problems with {min_ops}..{max_ops} operations")
-        problem = sample_problem(rng, rng.randint(min_ops, max_ops))
-        if problem.question in seen:
-            continue
+        lo, hi = (long.min_ops, long.max_ops) if long and long.share and rng.random() < long.share else (min_ops, max_ops)
+        while True:
+            attempts += 1
+            if attempts > 100 * n + 1000:
+                raise ValueError(f"cannot draw {n} distinct problems with {lo}..{hi} operations")
+            problem = sample_problem(rng, rng.randint(lo, hi))
+            if problem.question not in seen:
+                break
         seen.add(problem.question)
         rows.append(
             {
