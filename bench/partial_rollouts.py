@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--segment-tokens", type=int, default=96, help="rollout.partial.segment_tokens of the partial loop")
     p.add_argument("--max-segments", type=int, default=None, help="rollout.partial.max_segments (default: enough "
                    "segments for rollout.max_tokens)")
-    p.add_argument("--loss", default="mask", choices=["mask", "importance"])
+    p.add_argument("--loss", default="mask", choices=["mask", "last_segment", "importance"])
     p.add_argument("--samples", type=int, default=2048, help="samples each loop trains on before the evaluation")
     p.add_argument("--heldout", type=int, default=200, help="held-out problems in the final evaluation")
     p.add_argument("--window", type=int, default=4, help="rounds per throughput ratio")

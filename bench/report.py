@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 from common import RESULTS_DIR, ROOT
@@ -468,6 +469,20 @@ def section_partial(out: list[str], status: dict) -> None:
                    f"{it['min']:.1f} / {it['median']:.1f} / {it['max']:.1f} | {h.get('accuracy', float('nan')):.3f} | "
                    f"{h.get('mean_response_tokens', float('nan')):.1f} |")
     out.append("")
+    table_header(out, "| loop | roll-out s | update s | weight sync + probe s | longest response per iteration, "
+                      "tokens (min / median) | samples that took > 1 segment | groups waiting after an iteration |")
+    for name, x in r["loops"].items():
+        recs = [rec["metrics"] for rec in x["records"][1:1 + x["counted"]]]
+
+        def median(key: str, recs=recs) -> float:
+            return statistics.median(m.get(key, 0.0) for m in recs)
+
+        longest = [m["train/response_tokens_max"] for m in recs if "train/response_tokens_max" in m]
+        out.append(f"| {name} | {median('time/rollout'):.2f} | {median('time/update'):.2f} | "
+                   f"{median('time/weight_sync') + median('time/probe'):.2f} | {min(longest):.0f} / "
+                   f"{statistics.median(longest):.0f} | {statistics.mean(m.get('rollout/partial/partial_sample_share', 0.0) for m in recs):.1%} | "
+                   f"{statistics.mean(m.get('rollout/partial/buffer_groups', 0.0) for m in recs):.1f} |")
+    out.append("\n(medians over the counted iterations; the last two columns are means)\n")
     w = r.get("throughput_ratio_windows")
     out.append(f"Partial / synchronous, tokens in update per second: **{r['throughput_ratio_overall']:.2f}** over the "
                "counted iterations" + (f" (windows of rounds: {fmt_ratio(w)})" if w else "") + f"; goal >= 1.5: "
@@ -592,6 +607,10 @@ def summary() -> list[str]:
                                                           "min": r["throughput_ratio_overall"],
                                                           "max": r["throughput_ratio_overall"], "n": 1},
                      ">= 1.5", r["goals"]["throughput_ratio_ge_1_5"]))
+        gap = r["accuracy_gap_points"]
+        rows.append((f"9. held-out accuracy, partial minus synchronous, points ({r['heldout_problems']} problems, "
+                     f"loss {r['loss']})", {"median": gap, "min": gap, "max": gap, "n": 1}, "within +-2",
+                     r["goals"]["accuracy_within_2_points"]))
     r = load("repeat_detection")
     if r:
         rows.append(("10. time in repeat detection / roll-out time (nothing repeats)", r["processor_share_on"], "< 0.05",

@@ -22,10 +22,13 @@ class PartialRolloutConfig(Strict):
         "generated whole in its iteration)")
     max_segments: int = Field(4, ge=1, description="a trajectory still unfinished after this many segments is "
                               "finished as truncated (finish_reason length)")
-    loss: Literal["mask", "importance"] = Field(
+    loss: Literal["mask", "last_segment", "importance"] = Field(
         "mask", description="tokens of a trajectory generated under earlier weights: context only, not trained "
-        "(mask, the k1.5 way), or trained with a clipped importance weight pi_theta_i / behaviour (importance; "
-        "needs rl.old_logprobs=trainer)")
+        "(mask, the k1.5 way; a sample that finished before its group did is then not trained at all); each "
+        "sample's own last segment trained, the ones before it context (last_segment: a sample that waited for "
+        "its group is trained on the segment it ended with, generated under weights up to a few iterations old); "
+        "or all trained with a clipped importance weight pi_theta_i / behaviour (importance; needs "
+        "rl.old_logprobs=trainer). docs/partial-rollouts.md")
     importance_clip: float = Field(2.0, gt=0, description="importance: the sample's weight is "
                                    "min(importance_clip, pi_theta_i(earlier tokens) / behaviour(earlier tokens))")
 

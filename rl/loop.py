@@ -114,7 +114,8 @@ class Loop:
 @dataclass
 class Scored:
     """An iteration's finished groups: their prompts (row indices), completions, rewards and correctness,
-    and how many leading tokens of each completion were generated under earlier weights (partial rollouts)."""
+    and how many leading tokens of each completion the update leaves out as context (partial rollouts: those
+    generated under earlier weights, as `rollout.partial.loss` counts them)."""
 
     batch: list[int]
     groups: list[list[Completion]]
@@ -180,7 +181,8 @@ def score(loop: Loop, finished: list[Group], iteration: int) -> Scored:
     texts = iter(loop.decode([s.tokens for g in finished for s in g.samples]))
     groups = [[Completion(s.tokens, s.logprobs, next(texts), s.finish_reason, s.prompt_ids) for s in g.samples]
               for g in finished]
-    earlier = [[s.tokens_before(iteration) for s in g.samples] for g in finished]
+    loss = loop.settings.pmd.partial_loss
+    earlier = [[s.context_tokens(iteration, loss) for s in g.samples] for g in finished]
     if not finished:
         return Scored([], [], [], [], [])
     scored = loop.rewards.score_groups(reward_inputs([loop.train_rows[i] for i in batch], groups), iteration)
@@ -247,7 +249,7 @@ def iteration_record(loop: Loop, scored: Scored, kept: list[int], stats_per_rank
     lengths = [len(c.token_ids) for g in scored.groups for c in g] or [float("nan")]
     trained = [(len(c.token_ids), e) for j in kept for c, e in zip(scored.groups[j], scored.earlier_tokens[j],
                                                                     strict=True)]
-    masked = loop.settings.pmd.partial_loss == "mask"
+    masked = loop.settings.pmd.partial_loss in ("mask", "last_segment")
     ranks = stats_per_rank or [{}]
     stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in ranks[0]}
     extra = ("lr", "grad_norm", "logprob_gap_vllm_trainer", "logprob_gap_text", "logprob_gap_image", "time_logprobs",

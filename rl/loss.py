@@ -31,6 +31,10 @@ ways to keep the surrogate's fixed point at the optimum of iteration i:
   the update fits pi*(y_new | x, y_old) on tokens sampled from pi_theta_i; at theta = theta_i the gradient
   is -mean_j a_j * grad log pi_theta(y_new_j | x, y_old_j). A sample whose whole response predates
   iteration i has no token left to train: it only enters its group's baseline.
+- last_segment: each sample's own last segment y_last is trained, what came before it is context. For a
+  sample finished in an earlier iteration j (its group waited for others) y_last is from pi_theta_j: the
+  gradient at theta_i is then the policy gradient on samples up to i - j iterations old, uncorrected, where
+  mask would leave that sample untrained.
 - importance: every token counts (d_j over all of y_j) and each term is weighted by
   w_j = min(c, pi_theta_i(y_old_j | x) / mu(y_old_j | x)) (no gradient through it; 1 for a response
   sampled whole under theta_i), so at theta = theta_i the gradient is -mean_j w_j a_j grad log pi_theta(y_j|x):

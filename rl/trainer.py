@@ -13,11 +13,12 @@ log-probs, before temperature) and nothing is recomputed; right where engine and
 (float32 on CPU: the gap is measured every iteration on the first step), not under bf16. Sequence sums
 are float64 on both sides, so equal weights give a log-ratio of exactly ~0 on every machine.
 
-Partial rollouts: a sample's first `earlier_tokens` response tokens were generated under older weights.
-With `partial_loss="mask"` they are context (no log-prob of theirs is summed); with "importance" all
-tokens are, and the sample's term is weighted by `rl.loss.importance_weights` of those tokens (pi_theta_i
-from the trainer, the behaviour's from vLLM as it generated them). The vLLM gap counts only tokens
-generated under theta_i.
+Partial rollouts: a sample's first `earlier_tokens` response tokens are the ones the driver counted for
+the loss (`rollout.partial.Trajectory.context_tokens`). With `partial_loss="mask"` (those generated under
+older weights) or "last_segment" (all but the sample's own last segment) they are context (no log-prob of
+theirs is summed); with "importance" (those generated under older weights) all tokens are summed, and the
+sample's term is weighted by `rl.loss.importance_weights` of those tokens (pi_theta_i from the trainer, the
+behaviour's from vLLM as it generated them). The vLLM gap counts only the tokens after them.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ class PMDSettings:
     log_ratio_norm: str = "sequence"  # or "token"
     reset_optimizer: bool = True
     old_logprobs: str = "trainer"  # where log pi_theta_i comes from: "trainer" or "rollout" (vLLM's)
-    partial_loss: str = "mask"  # tokens generated under earlier weights: "mask" (context) or "importance"
+    partial_loss: str = "mask"  # "mask" / "last_segment": the earlier_tokens are context; "importance": weighted
     importance_clip: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.partial_loss not in ("mask", "importance"):
-            raise ValueError(f"partial_loss must be 'mask' or 'importance', not {self.partial_loss!r}")
+        if self.partial_loss not in ("mask", "last_segment", "importance"):
+            raise ValueError(f"partial_loss must be 'mask', 'last_segment' or 'importance', not {self.partial_loss!r}")
         if self.partial_loss == "importance" and self.old_logprobs != "trainer":
             raise ValueError("partial_loss='importance' needs old_logprobs='trainer' (pi_theta_i of earlier tokens)")
         if self.old_logprobs not in ("trainer", "rollout"):
@@ -234,8 +235,9 @@ class PMDWorker:
 
 
 def _context_tokens(samples: list[Sample], settings: PMDSettings) -> list[int]:
-    """Per sample, the leading response tokens the loss leaves out: the earlier segments' under `mask`."""
-    return [s.earlier_tokens if settings.partial_loss == "mask" else 0 for s in samples]
+    """Per sample, the leading response tokens the loss leaves out: its earlier_tokens under `mask` and
+    `last_segment` (the driver counts them per loss: `rollout.partial.context_tokens`)."""
+    return [s.earlier_tokens if settings.partial_loss in ("mask", "last_segment") else 0 for s in samples]
 
 
 def _weights(token_logps: list[torch.Tensor], samples: list[Sample], settings: PMDSettings) -> torch.Tensor:

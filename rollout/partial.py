@@ -39,6 +39,20 @@ class Trajectory:
         """How many of its tokens were generated under weights older than `iteration`'s."""
         return sum(n for it, n in self.segments if it < iteration)
 
+    def context_tokens(self, iteration: int, loss: str) -> int:
+        """How many leading tokens the PMD update of `iteration` leaves out as context, under
+        `rollout.partial.loss`: `mask`, those generated under earlier weights (all of them for a sample that
+        finished before `iteration`); `last_segment`, all but its own last segment (whatever weights that
+        came from); `importance`, none are left out: this is then the prefix its importance weight covers.
+
+        >>> t = Trajectory(tokens=[1] * 7, segments=[[1, 4], [2, 3]])
+        >>> t.context_tokens(3, "mask"), t.context_tokens(3, "last_segment"), t.context_tokens(2, "importance")
+        (7, 4, 4)
+        """
+        if loss == "last_segment":
+            return len(self.tokens) - (self.segments[-1][1] if self.segments else 0)
+        return self.tokens_before(iteration)
+
 
 @dataclass
 class Group:

@@ -126,3 +126,10 @@ def test_shapes_task_refuses_rechecks(tmp_path):
         build_task_sft_data(rows, tmp_path, 0, 0.1, 0.5, rechecks=arithmetic.Rechecks(rate=0.2))
     with pytest.raises(RecipeError, match=r"sft\.recheck_rate"):
         load_recipe(Recipe, RECIPE, ["sft.recheck_rate=1.5"])
+
+
+def test_recipe_refuses_long_problems_out_of_order():
+    with pytest.raises(RecipeError, match=r"data\.long_min_ops must be <= data\.long_max_ops"):
+        load_recipe(Recipe, RECIPE, ["data.long_min_ops=30", "data.long_max_ops=20"])
+    with pytest.raises(RecipeError, match=r"long_share"):
+        load_recipe(Recipe, RECIPE, ["data.long_share=1.5"])

@@ -66,6 +66,19 @@ def test_without_partial_rollouts_every_group_finishes_in_its_iteration():
     assert buffer.groups == []
 
 
+def test_each_loss_leaves_out_its_own_context_tokens():
+    """A group whose first sample stopped in iteration 1 and whose second needed iteration 2 too: `mask`
+    trains none of the first (all its tokens predate iteration 2) and the second's new segment; `last_segment`
+    trains each sample's own last segment; `importance` leaves nothing out (the count is its weighted prefix)."""
+    buffer = ReplayBuffer(segment_tokens=3, max_segments=4, max_tokens=8)
+    buffer.add([2], k=2, iteration=1)
+    buffer.extend(buffer.requests(PROMPTS), [_segment([4, 4], "stop"), _segment([1, 2, 3], "length")], iteration=1)
+    buffer.extend(buffer.requests(PROMPTS), [_segment([5], "stop")], iteration=2)
+    [group] = buffer.pop_finished()
+    counts = {loss: [s.context_tokens(2, loss) for s in group.samples] for loss in ("mask", "last_segment", "importance")}
+    assert counts == {"mask": [2, 3], "last_segment": [0, 3], "importance": [2, 3]}
+
+
 def test_the_buffer_survives_json_and_refuses_other_cuts():
     buffer = ReplayBuffer(segment_tokens=2, max_segments=3, max_tokens=6)
     buffer.add([3, 4], k=2, iteration=1)
@@ -210,6 +223,11 @@ def test_trainer_mask_equals_training_on_the_earlier_tokens_as_prompt(tiny_dense
     b.update(moved, plan, PMDSettings(tau=0.1))
     pa, pb = _params(a), _params(b)
     assert not any((pa[k] != pb[k]).any() for k in pa)
+    # last_segment leaves out the earlier_tokens the driver counted for it, as mask does
+    e = _worker(tiny_dense)
+    e.update(partial, plan, PMDSettings(tau=0.1, partial_loss="last_segment"))
+    pe = _params(e)
+    assert not any((pa[k] != pe[k]).any() for k in pa)
     changed = _params(_worker(tiny_dense))
     assert any((pa[k] != changed[k]).any() for k in pa)  # and the update did move the weights
 
