@@ -249,7 +249,7 @@ def iteration_record(loop: Loop, scored: Scored, kept: list[int], stats_per_rank
     lengths = [len(c.token_ids) for g in scored.groups for c in g] or [float("nan")]
     trained = [(len(c.token_ids), e) for j in kept for c, e in zip(scored.groups[j], scored.earlier_tokens[j],
                                                                     strict=True)]
-    masked = loop.settings.pmd.partial_loss in ("mask", "last_segment")
+    masked = loop.settings.pmd.masks_earlier_tokens
     ranks = stats_per_rank or [{}]
     stats = {k: sum(s[k] for s in stats_per_rank) / len(stats_per_rank) for k in ranks[0]}
     extra = ("lr", "grad_norm", "logprob_gap_vllm_trainer", "logprob_gap_text", "logprob_gap_image", "time_logprobs",

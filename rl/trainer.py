@@ -67,6 +67,11 @@ class PMDSettings:
     partial_loss: str = "mask"  # "mask" / "last_segment": the earlier_tokens are context; "importance": weighted
     importance_clip: float = 2.0
 
+    @property
+    def masks_earlier_tokens(self) -> bool:
+        """Whether a sample's earlier_tokens are context, left out of the loss (`mask`, `last_segment`)."""
+        return self.partial_loss in ("mask", "last_segment")
+
     def __post_init__(self) -> None:
         if self.partial_loss not in ("mask", "last_segment", "importance"):
             raise ValueError(f"partial_loss must be 'mask', 'last_segment' or 'importance', not {self.partial_loss!r}")
@@ -236,8 +241,8 @@ class PMDWorker:
 
 def _context_tokens(samples: list[Sample], settings: PMDSettings) -> list[int]:
     """Per sample, the leading response tokens the loss leaves out: its earlier_tokens under `mask` and
-    `last_segment` (the driver counts them per loss: `rollout.partial.context_tokens`)."""
-    return [s.earlier_tokens if settings.partial_loss in ("mask", "last_segment") else 0 for s in samples]
+    `last_segment` (the driver counts them per loss: `rollout.partial.Trajectory.context_tokens`)."""
+    return [s.earlier_tokens if settings.masks_earlier_tokens else 0 for s in samples]
 
 
 def _weights(token_logps: list[torch.Tensor], samples: list[Sample], settings: PMDSettings) -> torch.Tensor:
