@@ -517,6 +517,45 @@ def section_repeat(out: list[str], status: dict) -> None:
     out.append(f"Goal: under 5% of roll-out tokens/s when nothing repeats: {goal(ok)}.\n")
 
 
+def section_rollout_costs(out: list[str], status: dict) -> None:
+    out.append("## 12. What a roll-out costs on this machine: the bound on partial rollouts\n")
+    r = load("rollout_costs")
+    if not r:
+        out.append(missing("rollout_costs", status))
+        return
+    out.append(f"`{r['command']}` ({machine_line(r['machine'])})\n")
+    engine = r.get("engine")
+    if engine:
+        out.append(f"One vLLM engine on one core, the warm-up checkpoint of `recipes/{r['recipe']}`: the wall time of "
+                   f"a decode step with `batch` sequences ({engine['decode_steps']} steps, `ignore_eos`, the best of 3), "
+                   "and its least-squares fit `a + b x batch`.\n")
+        batches = sorted(next(iter(engine["step_ms"].values())), key=int)  # the result file's keys are sorted as text
+        table_header(out, "| prompt tokens | " + " | ".join(f"batch {b}, ms" for b in batches) +
+                     " | a: fixed ms per step | b: ms per sequence | a / b: sequences a step's fixed cost is worth |")
+        for context, steps in sorted(engine["step_ms"].items(), key=lambda kv: int(kv[0])):
+            fit = engine["fit"][context]
+            out.append(f"| {context} | " + " | ".join(f"{steps[b]:.1f}" for b in batches) +
+                       f" | {fit['fixed_ms']:.2f} | {fit['per_sequence_ms']:.3f} | "
+                       f"{fit['fixed_ms'] / fit['per_sequence_ms']:.0f} |")
+        out.append("")
+        pre = engine["prefill_us_per_token"]
+        out.append("Prefill (100-token prompts, distinct): " + ", ".join(
+            f"{pre[n]:.0f} us per token at {n} prompts" for n in sorted(pre, key=int)) + ".\n")
+    loop = r.get("loop")
+    if loop:
+        out.append(f"The partial loop (`segment_tokens={loop['segment_tokens']}`, two engines and one trainer rank on "
+                   "the same cores): its roll-out and the PMD update on the roll-out's samples one after the other, "
+                   "against the same update started while the next roll-out decodes (one step off-policy), "
+                   f"alternately, {len(loop['pairs'])} pairs.\n")
+        table_header(out, "| measurement | median (min, max, n) |")
+        out.append(f"| roll-out, then update, s | {fmt_ratio(loop['sequential_s'])} |")
+        out.append(f"| update during the roll-out, s (both done) | {fmt_ratio(loop['overlapped_s'])} |")
+        out.append(f"| roll-out alone, s | {fmt_ratio(loop['rollout_alone_s'])} |")
+        out.append(f"| roll-out beside the update, s | {fmt_ratio(loop['rollout_beside_update_s'])} |")
+        out.append(f"| one after the other / overlapped (> 1: overlap is faster) | {fmt_ratio(loop['speedup_of_overlap'])} |")
+        out.append("")
+
+
 def section_optimizers(out: list[str], status: dict) -> None:
     out.append("## 11. AdamW vs Muon (`sft.optimizer`, `rl.optimizer`) on the tiny recipe\n")
     r = load("optimizers")
@@ -611,6 +650,10 @@ def summary() -> list[str]:
         rows.append((f"9. held-out accuracy, partial minus synchronous, points ({r['heldout_problems']} problems, "
                      f"loss {r['loss']})", {"median": gap, "min": gap, "max": gap, "n": 1}, "within +-2",
                      r["goals"]["accuracy_within_2_points"]))
+    r = load("rollout_costs")
+    if r and r.get("loop"):
+        rows.append((f"12. partial loop (segment {r['loop']['segment_tokens']}): roll-out then update / update "
+                     "overlapped with the next roll-out, s", r["loop"]["speedup_of_overlap"], "", None))
     r = load("repeat_detection")
     if r:
         rows.append(("10. time in repeat detection / roll-out time (nothing repeats)", r["processor_share_on"], "< 0.05",
@@ -656,7 +699,8 @@ def build(status: dict) -> str:
         out.append("")
     out.extend(summary())
     for section in (section_throughput, section_rollout, section_sync, section_trainer, section_rewards,
-                    section_learning, section_gpu, section_vl, section_partial, section_repeat, section_optimizers):
+                    section_learning, section_gpu, section_vl, section_partial, section_repeat, section_optimizers,
+                    section_rollout_costs):
         try:
             section(out, status)
         except (KeyError, TypeError, ValueError) as e:  # a result file of an older format: say so, go on
