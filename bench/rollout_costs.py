@@ -4,7 +4,8 @@
 
 Two parts, on the warm-up checkpoint of `recipes/tiny-longtail.yaml` (bench/common.tiny_run, cached):
 
-- `engine`: one vLLM engine pinned to one core, as each of the recipe's two engines is. A decode step's
+- `engine`: one vLLM engine pinned to one core, as each of the recipe's two engines is (its engine core in
+  the same process, as thinkrl's engines run on CPU). A decode step's
   wall time at batch 1 ... 220 (`ignore_eos`, 64 steps, the best of 3), at two context lengths, fitted as
   `a + b x batch` (a: the step's fixed cost, b: each sequence's); and prefill per token. Partial rollouts
   remove decode steps of the tail, where the batch is small: they save about `a` per step removed, and a
@@ -60,6 +61,12 @@ def engine_costs(model: str) -> dict:
     from rollout.engine import cpu_binding
 
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(0, 2, sorted(os.sched_getaffinity(0)))
+    # the engine core in this process, as `RolloutEngine` runs it on CPU (`EngineSettings.in_process`);
+    # VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment measures vLLM's default, a second process
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+
+    torch.set_num_threads(1)  # the engine's one core (RolloutEngine sizes torch's pool to its cores)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -209,10 +209,10 @@ def keep_plain_cpu_weights() -> None:
     weight (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`): a weight update must then
     re-materialise the layer and repack it (2.2 s of a 4.0 s reload of a 0.5B model, AMD EPYC). With plain
     weights, a sync is one copy into the existing parameters, or none once they view the trainer's arena
-    (`_alias_arena`). Runs in the vLLM worker, before the model
-    loads: vLLM imports this module there to build the worker (`worker_extension_cls`), and the engine
-    asks for it through `PLAIN_CPU_WEIGHTS_ENV`. Weights that are not 2-D (MoE experts, conv) keep vLLM's own
-    dispatch.
+    (`_alias_arena`). Runs in the vLLM worker's process before the model loads: the engine calls it when
+    the worker is in its own process (`EngineSettings.in_process`, the CPU default), and asks a worker
+    process for it through `PLAIN_CPU_WEIGHTS_ENV` (vLLM imports this module there to build the worker,
+    `worker_extension_cls`). Weights that are not 2-D (MoE experts, conv) keep vLLM's own dispatch.
     """
     import torch
     from vllm.model_executor.layers import utils

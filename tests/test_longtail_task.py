@@ -5,7 +5,6 @@ rollouts)."""
 import hashlib
 import json
 import random
-import re
 import statistics
 from pathlib import Path
 
