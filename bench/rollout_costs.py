@@ -13,7 +13,8 @@ Two parts, on the warm-up checkpoint of `recipes/tiny-longtail.yaml` (bench/comm
 - `loop`: the partial loop (`--segment-tokens`) with its two engines and trainer rank. After a few
   iterations, pairs of (roll-out, then the PMD update on its samples) and (the same update started while
   the next roll-out decodes, one step off-policy), alternately: the update overlapped with the roll-out
-  against the two one after the other. On one CPU machine both take the same cores.
+  against the two one after the other. On one CPU machine both take the same cores. Each pair trains on
+  the same samples twice: the part measures cost, not learning.
 
 `--part engine|loop|all` (all: the engine part in a child process, then the loop).
 """
