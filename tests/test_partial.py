@@ -293,10 +293,16 @@ def test_cut_trajectories_continue_from_their_tokens_under_the_new_weights(parti
     recipe, run, loop = partial_loop
     first = run_iteration(loop, 1)  # nothing finishes in its first segment: no update yet
     assert first["rollout/partial/finished_groups"] == 0 and first["train/groups_in_update"] == 0
-    assert first["rollout/partial/buffer_unfinished_samples"] == 16 and first["rollout/tokens_generated"] == 192
+    # the untrained model seldom ends within 12 tokens: each sample that did not is cut at the budget and waits
+    samples = [s for g in loop.buffer.groups for s in g.samples]
+    running = [s for s in samples if s.finish_reason is None]
+    assert len(samples) == 16 and len(running) >= 12 and all(len(s.tokens) == 12 for s in running)
+    assert first["rollout/partial/buffer_unfinished_samples"] == len(running)
+    assert first["rollout/tokens_generated"] == sum(len(s.tokens) for s in samples)
     second = run_iteration(loop, 2)  # iteration 1's groups end (max_segments) and are trained
     assert second["rollout/partial/finished_groups"] == 2 and second["train/groups_in_update"] == 2
-    assert second["rollout/partial/partial_sample_share"] == 1.0 and second["optim/steps"] == 1
+    # the share of its samples that spanned two segments: those cut in iteration 1
+    assert second["rollout/partial/partial_sample_share"] == len(running) / 16 and second["optim/steps"] == 1
     assert second["sync/probe_gap_after_sync"] < 1e-3
     waiting = {id(s): list(s.tokens) for g in loop.buffer.groups for s in g.samples}
     rows = [g.row for g in loop.buffer.groups]
