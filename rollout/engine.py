@@ -16,11 +16,34 @@ the actor is constructed.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rollout.repeat import PROCESSOR, RepeatSettings, ended_by_repeat
 from rollout.worker_extension import PLAIN_CPU_WEIGHTS_ENV, keep_plain_cpu_weights
 from thinkrl.arena import PublishedWeights, WeightArena
+
+# vLLM's switch between an engine core in a second process ("1", its default) and in the caller's ("0")
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextmanager
+def _environment(values: dict[str, str | None]):
+    """The process environment with `values` set (None: unset) inside the block, as it was after it."""
+    before = {name: os.environ.get(name) for name in values}
+    _set_environment(values)
+    try:
+        yield
+    finally:
+        _set_environment(before)
 
 
 def cpu_binding(index: int, engines: int, cores: list[int], tensor_parallel_size: int = 1) -> str:
@@ -126,28 +149,25 @@ class RolloutEngine:
             raise ValueError(f"EngineSettings.cpu_weights: 'packed' or 'plain', not {settings.cpu_weights!r}")
         plain = self.is_cpu and settings.cpu_weights == "plain"
         cores = bound_cores(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"))
+        # read by vLLM where it builds the engine, so set for the build alone (a later engine in this process
+        # starts from the environment it was given). PLAIN_CPU_WEIGHTS_ENV: read where vLLM builds its
+        # worker, a process started below, which inherits the environment, or this one (where
+        # rollout.worker_extension was imported before the variable was set)
+        build_env = {PLAIN_CPU_WEIGHTS_ENV: "1" if plain else None}
         if self.is_cpu and settings.in_process and settings.tensor_parallel_size == 1 and cores:
             # vLLM's engine core in this actor's process, not in a second one it would start and talk to at
-            # every decode step (read by vLLM when the engine is built; a value already set wins). Torch's
-            # thread pool here was sized for the whole machine before vLLM pinned its threads: sized to the
-            # engine's cores, or two engines' threads fight over each core (measured: roll-outs 2x slower)
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
+            # every decode step (a value the user set wins). Torch's thread pool here was sized for the whole
+            # machine before vLLM pinned its threads: sized to the engine's cores, or two engines' threads
+            # fight over each core (measured: roll-outs 2x slower)
+            build_env[MULTIPROCESSING_ENV] = os.environ.get(MULTIPROCESSING_ENV, "0")
+            if build_env[MULTIPROCESSING_ENV] == "0":
                 import torch
 
                 torch.set_num_threads(len(cores))
-        # read where vLLM builds its worker: a process started below, which inherits the environment, or
-        # this one (where rollout.worker_extension was imported before the variable was set)
-        previous = os.environ.pop(PLAIN_CPU_WEIGHTS_ENV, None)
         if plain:
-            os.environ[PLAIN_CPU_WEIGHTS_ENV] = "1"
             keep_plain_cpu_weights()
-        try:
+        with _environment(build_env):
             self.llm = self._build(settings)
-        finally:
-            os.environ.pop(PLAIN_CPU_WEIGHTS_ENV, None)
-            if previous is not None:
-                os.environ[PLAIN_CPU_WEIGHTS_ENV] = previous
         if plain and not all(self.llm.collective_rpc("thinkrl_plain_weights")):
             raise RuntimeError("rollout.cpu_weights=plain: the engine's vLLM worker did not keep plain weights (the "
                                "model has fused-MoE experts, which vLLM-CPU packs for its kernel): use "

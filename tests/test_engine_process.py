@@ -8,16 +8,16 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def _vllm_children(pid: int) -> list[str]:
+def _descendants(pid: int) -> list[str]:
     import psutil
 
     out = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            out.append(f"{child.name()} {' '.join(child.cmdline())}")
+            out.append(" ".join(child.cmdline()))
         except psutil.Error:  # ended meanwhile
             pass
-    return [c for c in out if "EngineCore" in c]
+    return out
 
 
 def test_a_pinned_cpu_engine_runs_vllm_in_its_process_and_syncs_plain_weights_there(ray_local, tiny_dense):
@@ -33,8 +33,13 @@ def test_a_pinned_cpu_engine_runs_vllm_in_its_process_and_syncs_plain_weights_th
 
         import torch
 
-        plain = all(self.llm.collective_rpc("thinkrl_plain_weights"))
-        return os.getpid(), torch.get_num_threads(), os.environ["VLLM_CPU_OMP_THREADS_BIND"], plain
+        core = self.llm.llm_engine.engine_core  # vLLM's client of its engine core
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "client": type(core).__name__,
+                "core_pids": [p.pid for p in getattr(manager, "processes", []) if p.is_alive()],
+                "binding": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+                "plain": all(self.llm.collective_rpc("thinkrl_plain_weights")),
+                "env_after_build": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")}
 
     def start(in_process: bool):
         return ray.remote(num_cpus=0)(RolloutEngine).remote(EngineSettings(
@@ -43,14 +48,17 @@ def test_a_pinned_cpu_engine_runs_vllm_in_its_process_and_syncs_plain_weights_th
 
     # vLLM's default, for contrast: the engine core is a second process under the actor
     other = start(False)
-    pid, _, _, plain = ray.get(other.__ray_call__.remote(_inside))
-    assert plain and _vllm_children(pid)
+    seen = ray.get(other.__ray_call__.remote(_inside))
+    assert seen["plain"] and seen["client"] == "SyncMPClient", seen
+    assert seen["core_pids"], seen  # started by the actor (multiprocessing), and alive
     ray.kill(other)
 
     engine = start(True)
-    pid, threads, binding, plain = ray.get(engine.__ray_call__.remote(_inside))
-    assert plain and not _vllm_children(pid)
-    assert len(bound_cores(binding)) >= 1 and threads == len(bound_cores(binding))
+    seen = ray.get(engine.__ray_call__.remote(_inside))
+    assert seen["plain"] and seen["client"] == "InprocClient" and not seen["core_pids"], seen
+    assert not [c for c in _descendants(seen["pid"]) if "EngineCore" in c], seen
+    assert len(bound_cores(seen["binding"])) >= 1 and seen["threads"] == len(bound_cores(seen["binding"])), seen
+    assert seen["env_after_build"] is None, seen  # set for the build alone: not left for a later engine here
 
     ids = list(range(5, 60))
     before = ray.get(engine.prompt_logprobs.remote(ids, 10))
