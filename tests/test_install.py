@@ -18,8 +18,10 @@ from thinkrl.chat import prompt_ids
 if __name__ == "__main__":
     path = build_tiny_model(sys.argv[1], sys.argv[2])
     tok = load_tokenizer(path)
+    # pinned to this process's cores, as a recipe's engines are: vLLM's engine core in this process
     engine = RolloutEngine(EngineSettings(model_path=str(path), max_model_len=256, enforce_eager=True,
-                                          gpu_memory_utilization=0.15))
+                                          gpu_memory_utilization=0.15, cpu_share=(0, 1)))
+    print("CLIENT", type(engine.llm.llm_engine.engine_core).__name__)
     prompt = prompt_ids(tok, "1+2=?")
     [[c]] = engine.generate([prompt], RolloutSettings(n=1, temperature=0.0, max_tokens=24))
     # the rollout layer (no detokenization in the engine, texts decoded in one batch, flat log-probs)
@@ -45,8 +47,11 @@ from thinkrl.train_engine import WeightBucket, checkpoint_format
 
 if __name__ == "__main__":
     path, out, cpu_weights = build_tiny_model(sys.argv[1], sys.argv[2] + "/base"), sys.argv[2], sys.argv[3]
-    settings = dict(enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.15)
+    # "pinned": vLLM's engine core in this process (a recipe's engines); else in a second one (vLLM's default)
+    share = (0, 1) if sys.argv[4] == "pinned" else None
+    settings = dict(enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.15, cpu_share=share)
     engine = RolloutEngine(EngineSettings(model_path=str(path), cpu_weights=cpu_weights, **settings))
+    print("CLIENT", type(engine.llm.llm_engine.engine_core).__name__)
     print("PLAIN", int(all(engine.llm.collective_rpc("thinkrl_plain_weights"))))
     ids = list(range(5, 60))
     before = engine.prompt_logprobs(ids, 10)
@@ -92,7 +97,8 @@ def _run(script_text: str, kind: str, tmp_path, *args: str) -> str:
 
     script = tmp_path / "script.py"
     script.write_text(script_text)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    # "auto": the engine pins itself when the script gives it a share of the cores (`EngineSettings.cpu_share`)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
     out = subprocess.run([sys.executable, str(script), kind, str(tmp_path / kind), *args], capture_output=True, text=True,
                          timeout=600, env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -109,17 +115,22 @@ def test_imports_without_torchvision():
 
 @pytest.mark.parametrize("kind", ["tiny-dense", "tiny-moe"])
 def test_vllm_serves_tiny_model(kind, tmp_path):
-    assert "SERVED" in _run(SERVE, kind, tmp_path)
+    out = _run(SERVE, kind, tmp_path)
+    assert "SERVED" in out and "CLIENT InprocClient" in out, out[-2000:]
 
 
-@pytest.mark.parametrize("kind,cpu_weights", [("tiny-moe", "packed"), ("tiny-dense", "plain")])
-def test_weight_sync_serves_the_new_weights(kind, cpu_weights, tmp_path):
+@pytest.mark.parametrize("kind,cpu_weights,where", [("tiny-moe", "packed", "pinned"), ("tiny-dense", "plain", "mp")])
+def test_weight_sync_serves_the_new_weights(kind, cpu_weights, where, tmp_path):
     """Packed dense engines are covered by every RL test (the probe after each sync); the MoE needed a fix,
     and plain weights (`rollout.cpu_weights=plain`) load by other paths: a copy (`model.load_weights`), and,
-    from a trainer's arena laid out as the engine asks, parameters that are views of it."""
-    out = _run(SYNC, kind, tmp_path, cpu_weights)
+    from a trainer's arena laid out as the engine asks, parameters that are views of it. The plain engine
+    runs vLLM's worker in a second process (which reads `PLAIN_CPU_WEIGHTS_ENV`; tests/test_engine_process.py
+    covers plain weights in this process), the MoE in this process, as a recipe's pinned engines do."""
+    out = _run(SYNC, kind, tmp_path, cpu_weights, where)
     values = dict(line.split() for line in out.splitlines()
-                  if line.startswith(("PLAIN", "PLACED", "CHANGED", "SYNC_GAP", "ALIAS_GAP", "VIEWS_GAP", "TRAINER_GAP")))
+                  if line.startswith(("CLIENT", "PLAIN", "PLACED", "CHANGED", "SYNC_GAP", "ALIAS_GAP", "VIEWS_GAP",
+                                      "TRAINER_GAP")))
+    assert values["CLIENT"] == ("InprocClient" if where == "pinned" else "SyncMPClient")
     plain = "1" if cpu_weights == "plain" else "0"
     assert values["PLAIN"] == plain and values["PLACED"] == plain  # the worker loads by the path asked for
     assert float(values["CHANGED"]) > 0.05  # the new weights change the log-probs...
