@@ -84,9 +84,10 @@ def measure(model_path: Path, reps: int, modes: list[str]) -> dict:
 
     trainers = trainer_group(PMDWorker, 1, lambda r, a, p: (str(model_path), OptimConfig(lr=1e-5),
                                                              DistConfig(r, 1, a, p, 1), 0), wait=False)
+    # pinned to their share of the cores, as a recipe's engines are (on CPU: vLLM's engine core in the actor)
     engines = {mode: remote_actor(RolloutEngine).remote(EngineSettings(
         model_path=str(model_path), enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.15,
-        cpu_weights=mode)) for mode in modes}
+        cpu_weights=mode, cpu_share=(i, len(modes)))) for i, mode in enumerate(modes)}
     ray.get([a.__ray_ready__.remote() for a in [*trainers, *engines.values()]])  # all start at once, as in rl.train
     prompts = [[5 + (7 * i + j) % 200 for j in range(32)] for i in range(16)]
     rollout = RolloutSettings(n=1, max_tokens=64, temperature=1.0)
