@@ -16,6 +16,7 @@ the actor is constructed.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -67,8 +68,6 @@ def cpu_binding(index: int, engines: int, cores: list[int], tensor_parallel_size
 def bound_cores(binding: str) -> list[int]:
     """The cores of a VLLM_CPU_OMP_THREADS_BIND value for one rank ("0", "2,3", "0-3"); [] for anything
     else ("auto", "nobind", one list per tensor-parallel rank)."""
-    import re
-
     if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", binding):
         return []
     cores: list[int] = []
